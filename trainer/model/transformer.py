@@ -1,0 +1,139 @@
+"""Two-way transformer of the mask decoder (official ``TwoWayTransformer``), SDPA attention.
+
+Training addition: ``dropout`` (0.1 in the paper's training, SAM_RECIPE.md §2 "Gaps")
+applied to every attention and MLP output before its residual add (DETR-style residual
+dropout; where exactly the paper applies it is unstated). Identity in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import MLPBlock
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose q/k/v projections may downscale the embedding.
+
+    ``q: B×Nq×C, k/v: B×Nk×C -> B×Nq×C``; internal dim ``C / downsample_rate``.
+    """
+
+    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.internal_dim = embedding_dim // downsample_rate
+        self.num_heads = num_heads
+        if self.internal_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide internal dim {self.internal_dim}")
+        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+
+    def _separate_heads(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = self._separate_heads(self.q_proj(q))
+        k = self._separate_heads(self.k_proj(k))
+        v = self._separate_heads(self.v_proj(v))
+        # No bias here, so plain SDPA (flash / memory-efficient on GPU) is exact.
+        out = F.scaled_dot_product_attention(q, k, v)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Self-attn on tokens, token→image cross-attn, MLP on tokens, image→token cross-attn."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int = 2048,
+        activation: type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+        skip_first_layer_pe: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(embedding_dim, num_heads)
+        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
+        self.norm3 = nn.LayerNorm(embedding_dim)
+        self.norm4 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.skip_first_layer_pe = skip_first_layer_pe
+        self.dropout = dropout
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """queries ``B×Nt×C``, keys ``B×(h·w)×C`` -> updated (queries, keys)."""
+        if self.skip_first_layer_pe:
+            # Official quirk: the first layer replaces (not adds to) the queries.
+            queries = self._drop(self.self_attn(q=queries, k=queries, v=queries))
+        else:
+            q = queries + query_pe
+            queries = queries + self._drop(self.self_attn(q=q, k=q, v=queries))
+        queries = self.norm1(queries)
+
+        q = queries + query_pe
+        k = keys + key_pe
+        queries = self.norm2(queries + self._drop(self.cross_attn_token_to_image(q=q, k=k, v=keys)))
+        queries = self.norm3(queries + self._drop(self.mlp(queries)))
+
+        q = queries + query_pe
+        k = keys + key_pe
+        keys = self.norm4(keys + self._drop(self.cross_attn_image_to_token(q=k, k=q, v=queries)))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    """Decoder transformer: tokens and image embedding attend to each other ``depth`` times."""
+
+    def __init__(
+        self,
+        depth: int,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        activation: type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        self.embedding_dim = embedding_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(
+                embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim, activation=activation,
+                attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=(i == 0),
+                dropout=dropout,
+            )
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
+        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self.dropout = dropout
+
+    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """``B×C×h×w`` image, ``B×C×h×w`` PE, ``B×Nt×C`` tokens -> (``B×Nt×C``, ``B×(h·w)×C``)."""
+        keys = image_embedding.flatten(2).permute(0, 2, 1)
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
+        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
+        if self.dropout:
+            attn_out = F.dropout(attn_out, self.dropout, self.training)
+        return self.norm_final_attn(queries + attn_out), keys
