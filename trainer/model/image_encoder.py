@@ -153,7 +153,7 @@ class ImageEncoderViT(nn.Module):
         self.pos_embed: nn.Parameter | None = None
         if use_abs_pos:
             self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -82,32 +83,32 @@ def resize_patch_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _check_fit(src: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], variant: str) -> None:
-    problems = [
+    """Raise :class:`MaeCheckpointError` naming depth and shape mismatches (depth first)."""
+    problems = []
+    extra = sorted({k.split(".")[1] for k in src if k.startswith("blocks.") and k not in expected}, key=int)
+    if extra:
+        problems.append(f"checkpoint has blocks {extra[:5]}... beyond the encoder depth")
+    missing = sorted(
+        {k.split(".")[1] for k in expected if k.startswith("blocks.") and "rel_pos" not in k and k not in src}, key=int
+    )
+    if missing:
+        problems.append(f"encoder blocks {missing[:5]}... are missing from the checkpoint")
+    problems += [
         f"{k}: checkpoint {tuple(v.shape)} vs encoder {tuple(expected[k].shape)}"
         for k, v in src.items()
         if k in expected and k not in ("pos_embed", "patch_embed.proj.weight") and v.shape != expected[k].shape
     ]
-    extra_blocks = sorted({k.split(".")[1] for k in src if k.startswith("blocks.") and k not in expected}, key=int)
-    if extra_blocks:
-        problems.append(f"checkpoint has blocks {extra_blocks[:5]}... beyond the encoder depth")
-    missing_blocks = sorted(
-        {k.split(".")[1] for k in expected if k.startswith("blocks.") and "rel_pos" not in k and k not in src}, key=int
-    )
-    if missing_blocks:
-        problems.append(f"encoder blocks {missing_blocks[:5]}... are missing from the checkpoint")
     if problems:
-        raise MaeCheckpointError(
-            f"MAE checkpoint does not fit SAM variant {variant!r}: " + "; ".join(problems[:6])
-        )
+        raise MaeCheckpointError(f"MAE checkpoint does not fit SAM variant {variant!r}: " + "; ".join(problems[:6]))
 
 
 def load_mae_state_dict(encoder: nn.Module, mae_state: dict[str, torch.Tensor], variant: str = "?") -> MaeLoadReport:
     """Load MAE weights (``ckpt["model"]`` layout) into an ``ImageEncoderViT`` in place."""
     expected = encoder.state_dict()
-    kept = {_map_key(k): v for k, v in mae_state.items() if not _DROP.match(k)}
+    mapped = {_map_key(k): v for k, v in mae_state.items() if not _DROP.match(k)}
+    _check_fit(mapped, expected, variant)
     unexpected = sorted(k for k in mae_state if _DROP.match(k) or _map_key(k) not in expected)
-    kept = {k: v for k, v in kept.items() if k in expected}
-    _check_fit(kept, expected, variant)
+    kept = {k: v for k, v in mapped.items() if k in expected}
     if "pos_embed" not in kept or "patch_embed.proj.weight" not in kept:
         raise MaeCheckpointError("MAE checkpoint lacks pos_embed or patch_embed.proj.weight")
 
@@ -126,7 +127,7 @@ def load_mae_state_dict(encoder: nn.Module, mae_state: dict[str, torch.Tensor], 
             )
     result = encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in kept.items()}, strict=False)
     missing = sorted(result.missing_keys)
-    src_grid = int(round((src_tokens - 1) ** 0.5)) if int(round((src_tokens - 1) ** 0.5)) ** 2 == src_tokens - 1 else int(round(src_tokens ** 0.5))
+    src_grid = math.isqrt(src_tokens - 1) if math.isqrt(src_tokens - 1) ** 2 == src_tokens - 1 else math.isqrt(src_tokens)
     log.info("MAE init (%s): loaded %d tensors; kept at init %d keys %s; dropped %s",
              variant, len(kept), len(missing), missing, unexpected)
     return MaeLoadReport(missing=missing, unexpected=unexpected, source_grid=src_grid, source_patch=src_patch)

@@ -36,7 +36,7 @@ class PositionEmbeddingRandom(nn.Module):
             scale = 1.0
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer(
-            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats), generator=gen)
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats), generator=gen, device="cpu")
         )
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""Model behaviour beyond parity: attention kernels, training extras, errors, tiny training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.model import CheckpointMismatchError, build_sam, export_official, load_sam_state_dict, spec_for
+from trainer.model.attention import Attention
+from trainer.model.image_encoder import Block
+
+
+@pytest.mark.parametrize("window_size", [6, 0], ids=["windowed", "global"])
+def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int) -> None:
+    """The SDPA path equals the explicit softmax((q·s)kᵀ + B)v formulation, forward and backward."""
+    torch.manual_seed(0)
+    grid = 16
+    block = Block(dim=48, num_heads=3, use_rel_pos=True, window_size=window_size, input_size=(grid, grid)).double()
+    with torch.no_grad():  # non-zero rel-pos tables so the bias matters
+        block.attn.rel_pos_h.normal_(0, 0.5)
+        block.attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, grid, grid, 48, dtype=torch.float64)
+    results = []
+    for use_sdpa in (True, False):
+        block.attn.use_sdpa = use_sdpa
+        block.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+        results.append((out.detach(), xi.grad.clone(), grads))
+    (o1, gx1, g1), (o2, gx2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-10)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-10, msg=name)
+    assert g1["attn.rel_pos_h"].abs().sum() > 0
+
+
+def test_attention_rejects_missing_input_size() -> None:
+    with pytest.raises(ValueError, match="input_size"):
+        Attention(32, num_heads=2, use_rel_pos=True, input_size=None)
+
+
+def test_variant_sizes_match_official_counts() -> None:
+    """Official totals (SAM_RECIPE.md §2): 93.7M / 312.3M / 641.1M parameters, 314/482/594 keys."""
+    for variant, keys, millions in (("vit_b", 314, 93.7), ("vit_l", 482, 312.3), ("vit_h", 594, 641.1)):
+        with torch.device("meta"):
+            model = build_sam(variant)
+        assert len(model.state_dict()) == keys
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def test_drop_path_rates_follow_recipe() -> None:
+    assert spec_for("vit_h").drop_path_rate == 0.4
+    assert spec_for("vit_l").drop_path_rate == 0.4
+    assert spec_for("vit_b").drop_path_rate == 0.6
+    with torch.device("meta"):
+        model = build_sam("vit_b")
+    rates = [blk.drop_path.drop_prob for blk in model.image_encoder.blocks]
+    assert rates[0] == 0.0 and abs(rates[-1] - 0.6) < 1e-6
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+
+
+def test_unknown_override_is_named() -> None:
+    with pytest.raises(ValueError, match="window_sz"):
+        build_sam("tiny", window_sz=3)
+    with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
+        build_sam("vit_x")
+
+
+def test_wrong_variant_checkpoint_names_variant_and_keys(tmp_path) -> None:
+    with torch.device("meta"):
+        tiny = build_sam("tiny")
+    small = build_sam("tiny", encoder_embed_dim=48, encoder_num_heads=2)
+    path = tmp_path / "other.pth"
+    export_official(small, str(path))
+    with pytest.raises(CheckpointMismatchError) as err:
+        build_sam("tiny", checkpoint=str(path))
+    message = str(err.value)
+    assert "'tiny'" in message and "image_encoder.pos_embed" in message and "(1, 16, 16, 48)" in message
+    with pytest.raises(CheckpointMismatchError, match="looks like a vit_b"):
+        with torch.device("meta"):
+            vit_b = build_sam("vit_b")
+        load_sam_state_dict(tiny, vit_b.state_dict(), "tiny")
+
+
+def test_checkpoint_roundtrip_strict(tmp_path) -> None:
+    model = build_sam("tiny")
+    path = tmp_path / "tiny.pth"
+    export_official(model, str(path))
+    again = build_sam("tiny", checkpoint=str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value)
+
+
+def test_gaussian_pe_is_seeded_not_global_rng() -> None:
+    torch.manual_seed(1)
+    a = build_sam("tiny").prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    torch.manual_seed(2)
+    b = build_sam("tiny").prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    assert torch.equal(a, b)
+    c = build_sam("tiny", pe_seed=5).prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    assert not torch.equal(a, c)
+
+
+def test_activation_checkpointing_gives_same_gradients() -> None:
+    torch.manual_seed(0)
+    plain = build_sam("tiny")
+    ckpt = build_sam("tiny", activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 256, 256)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        model.image_encoder(x).square().mean().backward()
+        grads.append(model.image_encoder.patch_embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_prompt_encoder_compiles_without_graph_breaks() -> None:
+    """No data-dependent boolean indexing: dynamo traces the whole encoder as one graph."""
+    model = build_sam("tiny").prompt_encoder
+    coords = torch.rand(4, 3, 2) * 256
+    labels = torch.tensor([[1, 0, -1], [2, 3, -1], [1, 1, 1], [0, -1, -1]])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    sparse, dense = compiled((coords, labels), None, None, pad_points=False)
+    ref_sparse, ref_dense = model((coords, labels), None, None, pad_points=False)
+    torch.testing.assert_close(sparse, ref_sparse)
+    torch.testing.assert_close(dense, ref_dense)
+
+
+def test_box_as_labelled_points_equals_box_path() -> None:
+    model = build_sam("tiny").prompt_encoder
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 200.0], [0.0, 0.0, 255.0, 255.0]])
+    via_boxes, _ = model(None, boxes, None)
+    corners = boxes.reshape(2, 2, 2)
+    labels = torch.tensor([[2, 3], [2, 3]])
+    via_points, _ = model((corners, labels), None, None, pad_points=False)
+    torch.testing.assert_close(via_points, via_boxes)
+
+
+def test_decoder_accepts_per_prompt_embeddings() -> None:
+    model = build_sam("tiny").eval()
+    emb = torch.randn(2, 64, 16, 16)
+    coords = torch.rand(3, 1, 2) * 256
+    sparse, dense = model.prompt_encoder((coords, torch.ones(3, 1, dtype=torch.long)), None, None)
+    pe = model.prompt_encoder.get_dense_pe()
+    index = torch.tensor([0, 1, 1])
+    masks, iou = model.mask_decoder(emb[index], pe, sparse, dense, True)
+    one, _ = model.mask_decoder(emb[1:2], pe, sparse[2:], dense[2:], True)
+    torch.testing.assert_close(masks[2:], one)
+    with pytest.raises(ValueError, match="image_embeddings has batch 2"):
+        model.mask_decoder(emb, pe, sparse, dense, True)
+
+
+def test_tiny_trains_on_a_fixed_batch() -> None:
+    """A few AdamW steps on one batch reduce a simple mask loss (BCE + dice)."""
+    torch.manual_seed(0)
+    model = build_sam("tiny")
+    image = torch.randn(1, 3, 256, 256)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    target = (((yy - 30) ** 2 + (xx - 24) ** 2) < 15**2).float()[None, None]
+    point = torch.tensor([[[24 * 4.0, 30 * 4.0]]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss_fn() -> torch.Tensor:
+        emb = model.image_encoder(image)
+        sparse, dense = model.prompt_encoder((point, torch.ones(1, 1, dtype=torch.long)), None, None)
+        logits, _ = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        prob = logits.sigmoid()
+        dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+        return F.binary_cross_entropy_with_logits(logits, target) + dice
+
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
