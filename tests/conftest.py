@@ -15,12 +15,9 @@ import os
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import importlib
-import shutil
 import socket
 import stat
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -28,28 +25,18 @@ from typing import Iterator
 
 import pytest
 
+from trainer.model.reference import import_official_sam
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
-def import_official_sam() -> types.ModuleType:
-    """Import ``segment_anything`` modeling code without running its ``__init__``."""
-    if "segment_anything.build_sam" in sys.modules:
-        return sys.modules["segment_anything"]
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("segment-anything==1.0 is a test dependency: pip install -e '.[test]'")
-    pkg = types.ModuleType("segment_anything")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["segment_anything"] = pkg
-    importlib.import_module("segment_anything.modeling")
-    importlib.import_module("segment_anything.build_sam")
-    return pkg
-
-
 @pytest.fixture(scope="session")
 def official_sam() -> types.ModuleType:
-    return import_official_sam()
+    try:
+        return import_official_sam()
+    except ImportError as err:
+        pytest.fail(str(err))
 
 
 def free_port() -> int:
