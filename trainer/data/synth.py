@@ -133,16 +133,18 @@ def _annotation(crop: np.ndarray, x0: int, y0: int, size: tuple[int, int], ann_i
 
 
 def synth_sample(rng: np.random.Generator, height: int, width: int, num_shapes: int,
-                 image_id: int, jpeg_quality: int = 90) -> tuple[bytes, dict[str, Any]]:
+                 image_id: int, jpeg_quality: int = 90,
+                 radius_frac: tuple[float, float] = (0.03, 0.3)) -> tuple[bytes, dict[str, Any]]:
     """One scene: (JPEG bytes, SA-1B JSON dict). Up to ``num_shapes`` shapes; whole/part
-    objects add two masks, fully occluded or tiny shapes add none."""
+    objects add two masks, fully occluded or tiny shapes add none. Shape radii are
+    log-uniform in ``radius_frac`` × the short side."""
     image = _background(rng, height, width)
     labels = np.zeros((height, width), np.int32)
     groups: list[tuple[tuple[int, ...], tuple[int, int, int, int]]] = []
     hue0, short = rng.uniform(0, 1), min(height, width)
     for k in range(num_shapes):
         kind = _KINDS[int(rng.choice(len(_KINDS), p=[0.3, 0.2, 0.2, 0.15, 0.15]))]
-        radius = short * math.exp(rng.uniform(math.log(0.03), math.log(0.3)))
+        radius = short * math.exp(rng.uniform(math.log(radius_frac[0]), math.log(radius_frac[1])))
         hue = (hue0 + 0.618 * k) % 1.0  # golden-ratio hues: neighbours differ
         body = 2 * k + 1
         box = _draw(image, labels, rng, kind, body, hue, radius)
@@ -193,12 +195,14 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_synthetic_shards(out_url: str, num_images: int, num_shards: int, seed: int = 0,
                            min_side: int = 192, max_side: int = 384, min_masks: int = 4,
-                           max_masks: int = 30, jpeg_quality: int = 90) -> list[str]:
+                           max_masks: int = 30, jpeg_quality: int = 90,
+                           radius_frac: tuple[float, float] = (0.03, 0.3)) -> list[str]:
     """Write ``sa_000000.tar`` ... under ``out_url`` (any fsspec URL or local path).
 
     Images ``1..num_images`` are split into contiguous runs per shard, each as
     ``sa_<id>.jpg`` then ``sa_<id>.json``. Height and width are drawn independently
-    from ``[min_side, max_side]``; each image gets ``min_masks..max_masks`` shapes.
+    from ``[min_side, max_side]``; each image gets ``min_masks..max_masks`` shapes whose
+    radii are log-uniform in ``radius_frac`` (fractions of the short side).
     Returns the shard URLs.
     """
     if num_shards < 1 or num_images < num_shards:
@@ -206,6 +210,8 @@ def write_synthetic_shards(out_url: str, num_images: int, num_shards: int, seed:
                          f"for {num_images} images")
     if not 8 <= min_side <= max_side:
         raise ValueError(f"need 8 <= min_side <= max_side, got {min_side}, {max_side}")
+    if not 0 < radius_frac[0] <= radius_frac[1] <= 1:
+        raise ValueError(f"need 0 < radius_frac[0] <= radius_frac[1] <= 1, got {radius_frac}")
     if not 1 <= min_masks <= max_masks:
         raise ValueError(f"need 1 <= min_masks <= max_masks, got {min_masks}, {max_masks}")
     if protocol_of(out_url) == "file":
@@ -219,7 +225,7 @@ def write_synthetic_shards(out_url: str, num_images: int, num_shards: int, seed:
                 rng = np.random.default_rng([seed, image_id])
                 height, width = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
                 shapes = int(rng.integers(min_masks, max_masks + 1))
-                jpg, doc = synth_sample(rng, height, width, shapes, image_id, jpeg_quality)
+                jpg, doc = synth_sample(rng, height, width, shapes, image_id, jpeg_quality, radius_frac)
                 _tar_add(tar, f"sa_{image_id}.jpg", jpg)
                 _tar_add(tar, f"sa_{image_id}.json", json.dumps(doc).encode("utf-8"))
         urls.append(url)
@@ -239,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=384, help="largest image side, px")
     parser.add_argument("--min-masks", type=int, default=4, help="fewest shapes per image")
     parser.add_argument("--max-masks", type=int, default=30, help="most shapes per image")
+    parser.add_argument("--radius-frac", type=float, nargs=2, default=(0.03, 0.3), metavar=("MIN", "MAX"),
+                        help="shape radius range as fractions of the short side (log-uniform)")
     args = parser.parse_args(argv)
     urls = write_synthetic_shards(args.out, args.images, args.shards, args.seed, args.min_side,
-                                  args.max_side, args.min_masks, args.max_masks)
+                                  args.max_side, args.min_masks, args.max_masks,
+                                  radius_frac=tuple(args.radius_frac))
     print(f"wrote {len(urls)} shards ({args.images} images) to {args.out}")
     for url in urls:
         print(url)

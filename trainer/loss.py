@@ -1,0 +1,262 @@
+"""SAM's training loss (SAM_RECIPE.md §1 "Losses"; SAM2 ``training/loss_fns.py``).
+
+Per mask and round: ``20·focal + 1·dice`` on the mask logits plus ``1·MSE`` between the
+IoU head and the actual IoU of the binarized prediction. With three outputs
+(multimask), only the output with the lowest ``20·focal + dice`` is supervised, for the
+mask loss and for the IoU head (SAM2's ``supervise_all_iou=False``, "consistent with
+SAM"). Losses are summed over masks and rounds and divided by the number of valid masks
+(averaged across ranks, see ``num_masks_across_ranks``).
+
+Each term is its own function returning per-output values N×K; ``sam_loss`` combines
+them into named parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+LOSS_RESOLUTIONS = ("gt", "low_res")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Loss weights and options.
+
+    Attributes:
+        weight_focal: focal weight. Paper: 20 (20:1 focal:dice).
+        weight_dice: dice weight. Paper: 1.
+        weight_iou: IoU-head MSE weight. Paper: 1.
+        focal_alpha: focal α; paper silent, SAM2 uses 0.25. A negative value disables
+            α-balancing (SAM2 convention).
+        focal_gamma: focal γ; paper silent, SAM2 uses 2.
+        resolution: where the mask loss is computed; paper silent. ``"gt"`` (SAM2):
+            bilinearly upsample the low-res logits to the GT resolution.
+            ``"low_res"``: area-downsample the GT to the logits' resolution and
+            binarize at 0.5 (16× fewer pixels; cheaper, coarser).
+    """
+
+    weight_focal: float = 20.0
+    weight_dice: float = 1.0
+    weight_iou: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    resolution: str = "gt"
+
+    def __post_init__(self) -> None:
+        for name in ("weight_focal", "weight_dice", "weight_iou", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.focal_alpha > 1:
+            raise ValueError(f"loss.focal_alpha must be <= 1, got {self.focal_alpha}")
+        if self.resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(
+                f"loss.resolution must be one of {LOSS_RESOLUTIONS}, got {self.resolution!r}"
+            )
+
+
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss, mean over pixels (SAM2 ``sigmoid_focal_loss``).
+
+    Args:
+        logits: N×K×H×W float mask logits.
+        targets: N×H×W (broadcast over K) or N×K×H×W, values in {0, 1}.
+
+    Returns:
+        N×K float.
+    """
+    targets = _broadcast_targets(targets, logits)
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.flatten(2).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft dice ``1 - (2·inter + 1) / (sum + 1)`` on sigmoid probabilities (SAM2).
+
+    Args:
+        logits: N×K×H×W float.
+        targets: N×H×W or N×K×H×W in {0, 1}.
+
+    Returns:
+        N×K float.
+    """
+    targets = _broadcast_targets(targets, logits)
+    prob = logits.sigmoid().flatten(2)
+    targets = targets.flatten(2)
+    inter = (prob * targets).sum(-1)
+    total = prob.sum(-1) + targets.sum(-1)
+    return 1 - (2 * inter + 1) / (total + 1)
+
+
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of the binarized prediction (logits > 0) with GT; no gradient.
+
+    Two empty masks have IoU 0 (union clamped to 1, as SAM2).
+
+    Args:
+        logits: N×K×H×W float; targets: N×H×W or N×K×H×W in {0, 1}.
+
+    Returns:
+        N×K float.
+    """
+    targets = _broadcast_targets(targets, logits)
+    pred = (logits.detach() > 0).flatten(2)
+    gt = (targets > 0.5).flatten(2)
+    inter = (pred & gt).sum(-1).float()
+    union = (pred | gt).sum(-1).float()
+    return inter / union.clamp(min=1.0)
+
+
+def iou_loss(iou_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """MSE between the IoU head and the actual IoU (target detached), SAM_RECIPE.md §1.
+
+    Args:
+        iou_pred: N×K float IoU head output (no sigmoid, as in SAM).
+        logits: N×K×H×W; targets: N×H×W or N×K×H×W.
+
+    Returns:
+        N×K float.
+    """
+    return (iou_pred - mask_iou(logits, targets)) ** 2
+
+
+def _broadcast_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if targets.dim() == 3:
+        targets = targets.unsqueeze(1)
+    return targets.to(logits.dtype).expand_as(logits)
+
+
+def match_resolution(
+    logits: torch.Tensor, gt_masks: torch.Tensor, resolution: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring logits and GT to one resolution (``LossConfig.resolution``).
+
+    Args:
+        logits: N×K×h×w low-res logits.
+        gt_masks: N×H×W bool/float GT in the input frame.
+
+    Returns:
+        (logits N×K×R×R', targets N×R×R' float) at GT (``"gt"``) or logits
+        (``"low_res"``) resolution.
+    """
+    gt = gt_masks.to(logits.dtype)
+    if logits.shape[-2:] == gt.shape[-2:]:
+        return logits, gt
+    if resolution == "gt":
+        # SAM's postprocess_masks upsamples the same way (align_corners=False).
+        logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, gt
+    gt = F.interpolate(gt.unsqueeze(1), size=logits.shape[-2:], mode="area").squeeze(1)
+    return logits, (gt >= 0.5).to(logits.dtype)
+
+
+def round_loss(
+    low_res_masks: torch.Tensor,
+    iou_pred: torch.Tensor,
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Per-mask losses of one round, min-over-outputs when K > 1, padding zeroed.
+
+    Args:
+        low_res_masks: N×K×h×w logits (K = 3 multimask, 1 single).
+        iou_pred: N×K.
+        gt_masks: N×H×W GT in the input frame.
+        valid: N bool; False rows (padding masks) contribute 0 and get zero gradient.
+        cfg: loss settings.
+
+    Returns:
+        dict ``loss_focal``, ``loss_dice``, ``loss_iou``: each N float (unweighted),
+        and ``best`` N int64, the supervised output index.
+    """
+    logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
+    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma)
+    dice = dice_loss(logits, targets)
+    iou = iou_loss(iou_pred, logits, targets)
+    # argmin of the weighted mask loss picks the output to supervise; the others get
+    # no gradient because they are not selected by the gather.
+    combo = cfg.weight_focal * focal + cfg.weight_dice * dice
+    best = combo.detach().argmin(dim=1, keepdim=True)
+    parts = {
+        "loss_focal": focal.gather(1, best).squeeze(1),
+        "loss_dice": dice.gather(1, best).squeeze(1),
+        "loss_iou": iou.gather(1, best).squeeze(1),
+    }
+    # where (not multiply) so a non-finite value in a padding row cannot leak in.
+    parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
+    parts["best"] = best.squeeze(1)
+    return parts
+
+
+def sam_loss(
+    rounds: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    num_masks: torch.Tensor | float,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Total loss over all interactive rounds (summed, SAM2's choice; paper silent).
+
+    Args:
+        rounds: per round ``(low_res_masks N×K×h×w, iou_pred N×K)``.
+        gt_masks: N×H×W GT in the input frame.
+        valid: N bool, False for padding masks.
+        num_masks: normaliser, the valid-mask count averaged across ranks
+            (``num_masks_across_ranks``); clamped to >= 1.
+        cfg: loss settings.
+
+    Returns:
+        dict of scalars: ``loss_focal``, ``loss_dice``, ``loss_iou`` (unweighted, each
+        summed over rounds and masks / num_masks) and ``loss`` (weighted total, the one
+        to backprop).
+    """
+    if len(rounds) == 0:
+        raise ValueError("sam_loss needs at least one round")
+    valid = valid.to(torch.bool)
+    totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
+    for low_res_masks, iou_pred in rounds:
+        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg)
+        totals = {key: value + parts[key].sum() for key, value in totals.items()}
+    if isinstance(num_masks, torch.Tensor):
+        denom = num_masks.to(gt_masks.device, torch.float32).clamp(min=1.0)
+    else:
+        denom = max(float(num_masks), 1.0)
+    out = {key: value / denom for key, value in totals.items()}
+    out["loss"] = (
+        cfg.weight_focal * out["loss_focal"]
+        + cfg.weight_dice * out["loss_dice"]
+        + cfg.weight_iou * out["loss_iou"]
+    )
+    return out
+
+
+def num_masks_across_ranks(valid: torch.Tensor) -> torch.Tensor:
+    """Valid-mask count averaged over ranks, clamped to >= 1 (SAM2 ``num_objects``).
+
+    DDP averages gradients over ranks, so dividing each rank's summed loss by the mean
+    count (not the global total) makes the step's gradient the mean over all masks of
+    the global batch. Without an initialized process group this is the local count.
+
+    Args:
+        valid: N bool.
+
+    Returns:
+        0-dim float tensor on ``valid.device``.
+    """
+    count = valid.to(torch.float32).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
