@@ -1,0 +1,106 @@
+"""Pictures a person would rather look at than logs: loss curve, prediction grid (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display in pods, CI or over ssh
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from trainer.data import PIXEL_MEAN, PIXEL_STD, Batch  # noqa: E402
+from trainer.evaluate import center_points  # noqa: E402
+from trainer.prompts import boxes_from_masks  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a ``metrics.jsonl``."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(records: list[dict], out: str | Path) -> Path:
+    """Total and per-term training loss against step, plus eval mIoU where recorded."""
+    train = [r for r in records if "loss/total" in r]
+    evals = [r for r in records if "eval/point_conf" in r]
+    fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    steps = [r["step"] for r in train]
+    for key, label in (("loss/total", "total"), ("loss/focal", "focal (x1)"), ("loss/dice", "dice"), ("loss/iou", "IoU MSE")):
+        if train and key in train[0]:
+            ax[0, 0].plot(steps, [r[key] for r in train], label=label, lw=1.2 if key == "loss/total" else 0.8)
+    ax[0, 0].set(xlabel="step", ylabel="loss (sum over rounds, per mask)", title="training loss", yscale="log")
+    ax[0, 0].legend()
+    if evals:
+        for key in ("point_conf", "point_oracle", "box_conf", "box_oracle"):
+            ax[0, 1].plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], marker="o", label=key)
+        ax[0, 1].set(xlabel="step", ylabel="mIoU", title="held-out mIoU", ylim=(0, 1))
+        ax[0, 1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def _rgb(image: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """Normalised ``3×S×S`` -> ``h×w×3`` uint8 (unpadded)."""
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    rgb = (image.cpu() * std + mean).clamp(0, 255)[:, : hw[0], : hw[1]]
+    return rgb.permute(1, 2, 0).byte().numpy()
+
+
+def _overlay(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[mask] = 0.45 * out[mask] + 0.55 * np.array(colour, dtype=np.float32)
+    return out.astype(np.uint8)
+
+
+@torch.no_grad()
+def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path, num_images: int = 4) -> Path:
+    """Rows of held-out images: GT mask | prediction from its center point | from its box."""
+    sam.eval()
+    rows = []
+    for batch in batches:
+        for i in range(batch.images.shape[0]):
+            if len(rows) < num_images and batch.valid[i].any():
+                rows.append((batch, i))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    device = next(sam.parameters()).device
+    for r, (batch, i) in enumerate(rows):
+        hw = (int(batch.input_sizes[i, 0]), int(batch.input_sizes[i, 1]))
+        areas = batch.masks[i].flatten(1).sum(1) * batch.valid[i]
+        gt = batch.masks[i, int(areas.argmax())][None].to(device)  # the largest mask
+        emb = sam.image_encoder(batch.images[i][None].to(device))
+        pe = sam.prompt_encoder.get_dense_pe()
+        point = center_points(gt).to(device)[:, None]
+        prompts = {"point": dict(points=(point, torch.ones(1, 1, dtype=torch.long, device=device)), boxes=None),
+                   "box": dict(points=None, boxes=boxes_from_masks(gt))}
+        rgb = _rgb(batch.images[i], hw)
+        axes[r, 0].imshow(_overlay(rgb, gt[0, : hw[0], : hw[1]].cpu().numpy(), (40, 200, 40)))
+        axes[r, 0].set_title("ground truth")
+        for c, (kind, prompt) in enumerate(prompts.items(), start=1):
+            sparse, dense = sam.prompt_encoder(masks=None, **prompt)
+            logits, iou = sam.mask_decoder(emb, pe, sparse, dense, multimask_output=True)
+            best = int(iou[0].argmax())
+            up = F.interpolate(logits[:, best : best + 1].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+            pred = (up[0, 0, : hw[0], : hw[1]] > 0).cpu().numpy()
+            target = gt[0, : hw[0], : hw[1]].cpu().numpy()
+            score = (pred & target).sum() / max((pred | target).sum(), 1)
+            axes[r, c].imshow(_overlay(rgb, pred, (230, 60, 60)))
+            if kind == "point":
+                axes[r, c].plot(float(point[0, 0, 0]), float(point[0, 0, 1]), "y*", ms=12)
+            else:
+                x0, y0, x1, y1 = prompt["boxes"][0].tolist()
+                axes[r, c].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.5))
+            axes[r, c].set_title(f"{kind} prompt: IoU {score:.2f}")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
