@@ -16,10 +16,13 @@ install-test:
 	$(PYTHON) -m pip install -e ".[gcs,test]"
 
 demo: install
-	$(PYTHON) -m trainer selfcheck
+	$(PYTHON) -m trainer demo
 
 test: install-test
 	$(PYTHON) -m pytest -q
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_encoder.py
+	$(PYTHON) benchmarks/bench_data.py --small
+	$(PYTHON) benchmarks/bench_prompts.py
+	$(PYTHON) benchmarks/bench_step.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display in pods, CI or over ssh
@@ -24,10 +25,13 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(records: list[dict], out: str | Path) -> Path:
-    """Total and per-term training loss against step, plus eval mIoU where recorded."""
+def plot_loss_curve(records: list[dict], out: str | Path, before: dict[str, float] | None = None) -> Path:
+    """Total and per-term training loss against step, plus eval mIoU where recorded
+    (``before``: mIoU of the untrained model, drawn at step 0)."""
     train = [r for r in records if "loss/total" in r]
     evals = [r for r in records if "eval/point_conf" in r]
+    if before:
+        evals = [{"step": 0, **{f"eval/{k}": v for k, v in before.items()}}] + evals
     fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     steps = [r["step"] for r in train]
     for key, label in (("loss/total", "total"), ("loss/focal", "focal (x1)"), ("loss/dice", "dice"), ("loss/iou", "IoU MSE")):
@@ -54,15 +58,19 @@ def _rgb(image: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
     return rgb.permute(1, 2, 0).byte().numpy()
 
 
-def _overlay(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+def _overlay(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], outline: np.ndarray) -> np.ndarray:
+    """Tint ``mask`` with ``colour`` and draw the GT mask ``outline`` in white."""
     out = rgb.astype(np.float32)
-    out[mask] = 0.45 * out[mask] + 0.55 * np.array(colour, dtype=np.float32)
-    return out.astype(np.uint8)
+    out[mask] = 0.35 * out[mask] + 0.65 * np.array(colour, dtype=np.float32)
+    out = out.astype(np.uint8)
+    contours, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(np.ascontiguousarray(out), contours, -1, (255, 255, 255), 1)
 
 
 @torch.no_grad()
 def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path, num_images: int = 4) -> Path:
-    """Rows of held-out images: GT mask | prediction from its center point | from its box."""
+    """Rows of held-out images: GT mask | prediction (red) from its center point (star) |
+    from its box (yellow), each with the GT outline in white."""
     sam.eval()
     rows = []
     for batch in batches:
@@ -81,17 +89,17 @@ def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path,
         prompts = {"point": dict(points=(point, torch.ones(1, 1, dtype=torch.long, device=device)), boxes=None),
                    "box": dict(points=None, boxes=boxes_from_masks(gt))}
         rgb = _rgb(batch.images[i], hw)
-        axes[r, 0].imshow(_overlay(rgb, gt[0, : hw[0], : hw[1]].cpu().numpy(), (40, 200, 40)))
-        axes[r, 0].set_title("ground truth")
+        target = gt[0, : hw[0], : hw[1]].cpu().numpy()
+        axes[r, 0].imshow(_overlay(rgb, target, (0, 120, 255), target))
+        axes[r, 0].set_title("ground truth (blue, white outline)")
         for c, (kind, prompt) in enumerate(prompts.items(), start=1):
             sparse, dense = sam.prompt_encoder(masks=None, **prompt)
             logits, iou = sam.mask_decoder(emb, pe, sparse, dense, multimask_output=True)
             best = int(iou[0].argmax())
             up = F.interpolate(logits[:, best : best + 1].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
             pred = (up[0, 0, : hw[0], : hw[1]] > 0).cpu().numpy()
-            target = gt[0, : hw[0], : hw[1]].cpu().numpy()
             score = (pred & target).sum() / max((pred | target).sum(), 1)
-            axes[r, c].imshow(_overlay(rgb, pred, (230, 60, 60)))
+            axes[r, c].imshow(_overlay(rgb, pred, (255, 40, 40), target))
             if kind == "point":
                 axes[r, c].plot(float(point[0, 0, 0]), float(point[0, 0, 1]), "y*", ms=12)
             else:
