@@ -148,6 +148,25 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _restart_safe_store(rank: int, world_size: int, timeout: dt.timedelta) -> tdist.Store | None:
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts the workers, the new process group can
+    meet the previous attempt's keys in the agent's store (gloo then connects to the dead
+    workers' ports: "Connection refused", seen here in about 1 of 3 restarts). A prefix per
+    attempt keeps each attempt's keys apart. None (plain ``env://``) outside torchelastic.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(
+        os.environ["MASTER_ADDR"], _env_int(os.environ, "MASTER_PORT"), world_size,
+        is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store,
+    )
+    return tdist.PrefixStore(f"sam-trainer/attempt-{attempt}", store)
+
+
 def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Create the process group from torchrun's environment (or run as one process).
 
@@ -168,9 +187,10 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> Di
     if ranks is not None:  # under torchrun, even with world 1, so DDP code paths stay uniform
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not tdist.is_initialized():
+            timeout = dt.timedelta(seconds=timeout_s)
             tdist.init_process_group(
-                backend, rank=rank, world_size=world_size,
-                timeout=dt.timedelta(seconds=timeout_s),
+                backend, rank=rank, world_size=world_size, timeout=timeout,
+                store=_restart_safe_store(rank, world_size, timeout),
                 device_id=device if device.type == "cuda" else None,
             )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device,

@@ -127,7 +127,7 @@ class TrainRun:
             self.model = DDP(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.train.find_unused_parameters or cfg.prompts.num_rounds == 1,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
+                gradient_as_bucket_view=True,
             )
         self.optimizer = build_optimizer(self.sam, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)

@@ -293,6 +293,12 @@ class SA1BLoader:
         if self.cfg.num_workers == 0:
             stream: Any = dataset.iter_logical(0)
         else:
+            # Forked workers inherit OpenCV's thread-pool state but not its threads: if
+            # this process already ran a parallel OpenCV call (e.g. wrote synthetic
+            # shards), the first one in a worker waits forever. One thread here before
+            # forking keeps workers off the pool. (A forkserver would avoid it too, but
+            # workers would then miss memory:// data and later environment changes.)
+            cv2.setNumThreads(1)
             stream = DataLoader(
                 dataset, batch_size=None, num_workers=self.num_logical_workers,
                 collate_fn=_passthrough, worker_init_fn=_worker_init,
