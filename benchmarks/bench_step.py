@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer import dist  # noqa: E402
-from trainer.config import PRESETS, Config, load_config  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.presets import PRESETS, Config  # noqa: E402
 from trainer.data import write_synthetic_shards  # noqa: E402
 from trainer.engine import TrainRun  # noqa: E402
 

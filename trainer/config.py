@@ -1,9 +1,10 @@
 """Typed config tree: keyword-only dataclasses, TOML files and dotted CLI overrides.
 
 Each module owns one section dataclass (``ModelConfig`` in ``trainer.model.build``,
-``DataConfig`` in ``trainer.data.config``, ...); the root :class:`Config` composes them
-and :data:`PRESETS` names whole recipes. This module holds the generic machinery (it
-works on any dataclass tree) plus the sections that the engine itself owns:
+``DataConfig`` in ``trainer.data.config``, ...); the root ``Config`` in
+``trainer.presets`` composes them and ``PRESETS`` names whole recipes. This module holds
+the generic machinery (it works on any dataclass tree) plus the sections that the engine
+itself owns:
 :class:`TrainConfig`, :class:`CheckpointConfig`, :class:`EvalConfig`, :class:`LogConfig`.
 
 Precedence, lowest first::
@@ -40,22 +41,17 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib
 import sys
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar
 
 from trainer.storage import StorageError, open_url
 
 if TYPE_CHECKING:  # the real imports are lazy: these modules import torch
-    from trainer.data.config import DataConfig
-    from trainer.loss import LossConfig
-    from trainer.model.build import ModelConfig
-    from trainer.optim import OptimConfig
-    from trainer.prompts import PromptConfig
+    pass
 
 T = TypeVar("T")
 
@@ -175,26 +171,16 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class LogConfig:
-    """Log lines and metric backends.
+    """Log lines (metric sinks beyond the log and ``metrics.jsonl`` come with the metrics work).
 
     Attributes:
         level: log level on rank 0; other ranks log WARNING and above.
         format: ``auto`` writes human lines to a terminal and JSON lines otherwise (pods);
             the environment variable ``SAM_LOG_FORMAT`` overrides ``auto``.
-        backends: metric sinks; stdout always works, the others need their packages.
-        tensorboard_dir: TensorBoard event dir; empty means ``<train.run_dir>/tensorboard``.
-        prometheus_port: port of rank 0's Prometheus ``/metrics`` endpoint.
     """
 
     level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     format: Literal["auto", "text", "json"] = "auto"
-    backends: tuple[Literal["stdout", "tensorboard", "prometheus"], ...] = ("stdout",)
-    tensorboard_dir: str = ""
-    prometheus_port: int = 9400
-
-    def __post_init__(self) -> None:
-        _check(0 < self.prometheus_port < 65536, "prometheus_port", "must be in 1..65535",
-               self.prometheus_port)
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -601,82 +587,3 @@ def config_from_cli(
     args = parser.parse_args(argv)  # argparse exits 2 on usage errors too
     with exit_on_config_error():
         return load_config(root_cls, args.config, args.overrides, presets)
-
-
-# --------------------------------------------------------------------------- root
-
-
-#: ``data.shards`` of the presets: no default dataset exists, so validate() demands one.
-REQUIRED_SHARDS = "<required: --set data.shards=gs://bucket/sa1b/sa_*.tar>"
-
-
-def _lazy(module: str, name: str, **kwargs: Any) -> Callable[[], Any]:
-    """A default factory that imports its section class only when a config is built."""
-    return lambda: getattr(importlib.import_module(module), name)(**kwargs)
-
-
-@dataclass(kw_only=True)
-class Config:
-    """The whole training config: one section per module (see each class for fields)."""
-
-    model: ModelConfig = field(default_factory=_lazy("trainer.model.build", "ModelConfig"))
-    data: DataConfig = field(default_factory=_lazy("trainer.data.config", "DataConfig",
-                                                   shards=REQUIRED_SHARDS))
-    prompts: PromptConfig = field(default_factory=_lazy("trainer.prompts", "PromptConfig"))
-    loss: LossConfig = field(default_factory=_lazy("trainer.loss", "LossConfig"))
-    optim: OptimConfig = field(default_factory=_lazy("trainer.optim", "OptimConfig"))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def validate(self) -> None:
-        """Cross-section checks (run by the loader after every section validated itself)."""
-        from trainer.model.build import VARIANTS
-
-        if self.data.shards == REQUIRED_SHARDS:
-            raise ValueError("data.shards: required (a glob, .txt list or comma list of "
-                             "shard URLs), e.g. --set data.shards=gs://bucket/sa1b/sa_*.tar")
-        size = VARIANTS[self.model.variant].img_size
-        if self.data.img_size != size:
-            raise ValueError(f"data.img_size: {self.data.img_size} does not match model.variant "
-                             f"{self.model.variant!r}, whose input is {size}")
-        if self.checkpoint.every > self.optim.max_iters:
-            raise ValueError(f"checkpoint.every: {self.checkpoint.every} exceeds optim.max_iters "
-                             f"{self.optim.max_iters}; use 0 to save only at the end")
-
-
-def tiny_cpu() -> Config:
-    """The tiny model on CPU: a few hundred fast steps for laptops and CI."""
-    from trainer.model.build import ModelConfig
-    from trainer.optim import optim_preset
-    from trainer.prompts import PromptConfig
-    from trainer.data.config import DataConfig
-
-    return Config(
-        model=ModelConfig(variant="tiny"),
-        data=DataConfig(shards=REQUIRED_SHARDS, img_size=256, batch_size=2,
-                        max_masks_per_image=8, num_workers=0),
-        prompts=PromptConfig(num_correction_points=2, num_no_point_rounds=1),
-        optim=optim_preset("tiny"),
-        train=TrainConfig(run_dir="runs/tiny_cpu", device="cpu", amp="off", log_every=1),
-        checkpoint=CheckpointConfig(every=100, keep_last=2),
-        eval=EvalConfig(every=100, num_images=8, batch_size=2),
-    )
-
-
-def paper(variant: str) -> Config:
-    """The paper's recipe for ``variant`` (vit_b, vit_l, vit_h): sizes, optimizer, data."""
-    from trainer.model.build import ModelConfig
-    from trainer.optim import optim_preset
-
-    return Config(model=ModelConfig(variant=variant), optim=optim_preset(variant),
-                  train=TrainConfig(run_dir=f"runs/{variant}"))
-
-
-PRESETS: dict[str, Callable[[], Config]] = {
-    "tiny_cpu": tiny_cpu,
-    "vit_b": lambda: paper("vit_b"),
-    "vit_l": lambda: paper("vit_l"),
-    "vit_h": lambda: paper("vit_h"),
-}

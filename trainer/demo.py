@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import PRESETS, Config, load_config
+from trainer.config import load_config
+from trainer.presets import PRESETS, Config
 
 
 def _config(out: Path, steps: int, overrides: list[str]) -> tuple[Config, list[str]]:

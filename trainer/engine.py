@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import dist
 from trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from trainer.config import Config, ConfigError, dump_toml
+from trainer.config import ConfigError, dump_toml
+from trainer.presets import Config
 from trainer.data import Batch, build_loader
 from trainer.evaluate import EvalResult, evaluate
 from trainer.interactive import simulate_interaction

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+from trainer.model.checkpoint_io import strip_wrapper_prefix
 _BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
 
 
@@ -140,17 +140,6 @@ def optim_preset(name: str, **overrides: object) -> OptimConfig:
     if name not in OPTIM_PRESETS:
         raise ValueError(f"optim preset must be one of {sorted(OPTIM_PRESETS)}, got {name!r}")
     return replace(OPTIM_PRESETS[name], **overrides)
-
-
-def strip_wrapper_prefix(name: str) -> str:
-    """``module._orig_mod.image_encoder.x`` → ``image_encoder.x``."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
 
 
 def layer_id(name: str, num_layers: int) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from trainer.config import PRESETS, Config, config_from_cli, exit_on_config_error
+from trainer.config import config_from_cli, exit_on_config_error
+from trainer.presets import PRESETS, Config
 
 
 def main(argv: list[str] | None = None) -> int:

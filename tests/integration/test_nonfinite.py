@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trainer import engine
-from trainer.config import PRESETS, Config, load_config
+from trainer.config import load_config
+from trainer.presets import PRESETS, Config
 
 from .helpers import FAST, metrics
 

@@ -223,7 +223,7 @@ def test_cli_exit_status_in_a_real_process() -> None:
 
 
 def test_presets_resolve_and_round_trip(tmp_path: Path) -> None:
-    from trainer.config import PRESETS, Config
+    from trainer.presets import PRESETS, Config
 
     for name in PRESETS:
         cfg = load_config(Config, name, ["data.shards=gs://b/sa_*.tar"], PRESETS)
@@ -232,7 +232,7 @@ def test_presets_resolve_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_root_cross_section_checks() -> None:
-    from trainer.config import PRESETS, Config
+    from trainer.presets import PRESETS, Config
 
     with pytest.raises(ConfigError, match=r"^data\.shards: required"):
         load_config(Config, "vit_b", [], PRESETS)
@@ -243,7 +243,7 @@ def test_root_cross_section_checks() -> None:
 
 
 def test_other_sections_errors_are_dotted() -> None:
-    from trainer.config import PRESETS, Config
+    from trainer.presets import PRESETS, Config
 
     base = ["data.shards=x.tar"]
     with pytest.raises(ConfigError, match=r"^data\.batch_size: must be positive, got 0"):

@@ -14,18 +14,20 @@ from trainer import storage
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def strip_wrapper_prefix(name: str) -> str:
+    """``module._orig_mod.image_encoder.x`` -> ``image_encoder.x`` (DDP / compile prefixes)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Strip DDP/compile prefixes so keys match the official ``Sam`` exactly."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {strip_wrapper_prefix(key): value for key, value in state_dict.items()}
 
 
 def _load_bytes(url: str) -> Any:

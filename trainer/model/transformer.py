@@ -7,7 +7,6 @@ dropout; where exactly the paper applies it is unstated). Identity in eval mode.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

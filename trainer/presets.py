@@ -1,0 +1,97 @@
+"""The root training config and the named presets (``tiny_cpu``, ``vit_b``, ``vit_l``, ``vit_h``).
+
+The machinery (TOML, ``--set`` overrides, validation) is in ``trainer.config``; each
+section's fields are documented in its own module. The paper presets carry the values of
+SAM_RECIPE.md §1 through the sections' defaults (data: 1 image and up to 64 masks per GPU,
+no augmentation; prompts: 11 rounds; loss 20:1:1) and ``trainer.optim.OPTIM_PRESETS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from trainer.config import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
+
+if TYPE_CHECKING:  # the real imports are lazy: these modules import torch
+    from trainer.data.config import DataConfig
+    from trainer.loss import LossConfig
+    from trainer.model.build import ModelConfig
+    from trainer.optim import OptimConfig
+    from trainer.prompts import PromptConfig
+
+#: ``data.shards`` of the presets: no default dataset exists, so validate() demands one.
+REQUIRED_SHARDS = "<required: --set data.shards=gs://bucket/sa1b/sa_*.tar>"
+
+
+def _lazy(module: str, name: str, **kwargs: Any) -> Callable[[], Any]:
+    """A default factory that imports its section class only when a config is built."""
+    return lambda: getattr(importlib.import_module(module), name)(**kwargs)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole training config: one section per module (see each class for fields)."""
+
+    model: ModelConfig = field(default_factory=_lazy("trainer.model.build", "ModelConfig"))
+    data: DataConfig = field(default_factory=_lazy("trainer.data.config", "DataConfig",
+                                                   shards=REQUIRED_SHARDS))
+    prompts: PromptConfig = field(default_factory=_lazy("trainer.prompts", "PromptConfig"))
+    loss: LossConfig = field(default_factory=_lazy("trainer.loss", "LossConfig"))
+    optim: OptimConfig = field(default_factory=_lazy("trainer.optim", "OptimConfig"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Cross-section checks (run by the loader after every section validated itself)."""
+        from trainer.model.build import VARIANTS
+
+        if self.data.shards == REQUIRED_SHARDS:
+            raise ValueError("data.shards: required (a glob, .txt list or comma list of "
+                             "shard URLs), e.g. --set data.shards=gs://bucket/sa1b/sa_*.tar")
+        size = VARIANTS[self.model.variant].img_size
+        if self.data.img_size != size:
+            raise ValueError(f"data.img_size: {self.data.img_size} does not match model.variant "
+                             f"{self.model.variant!r}, whose input is {size}")
+        if self.checkpoint.every > self.optim.max_iters:
+            raise ValueError(f"checkpoint.every: {self.checkpoint.every} exceeds optim.max_iters "
+                             f"{self.optim.max_iters}; use 0 to save only at the end")
+
+
+def tiny_cpu() -> Config:
+    """The tiny model on CPU: a few hundred fast steps for laptops and CI."""
+    from trainer.model.build import ModelConfig
+    from trainer.optim import optim_preset
+    from trainer.prompts import PromptConfig
+    from trainer.data.config import DataConfig
+
+    return Config(
+        model=ModelConfig(variant="tiny"),
+        data=DataConfig(shards=REQUIRED_SHARDS, img_size=256, batch_size=2,
+                        max_masks_per_image=8, num_workers=0),
+        prompts=PromptConfig(num_correction_points=2, num_no_point_rounds=1),
+        optim=optim_preset("tiny"),
+        train=TrainConfig(run_dir="runs/tiny_cpu", device="cpu", amp="off", log_every=1),
+        checkpoint=CheckpointConfig(every=100, keep_last=2),
+        eval=EvalConfig(every=100, num_images=8, batch_size=2),
+    )
+
+
+def paper(variant: str) -> Config:
+    """The paper's recipe for ``variant`` (vit_b, vit_l, vit_h): sizes, optimizer, data."""
+    from trainer.model.build import ModelConfig
+    from trainer.optim import optim_preset
+
+    return Config(model=ModelConfig(variant=variant), optim=optim_preset(variant),
+                  train=TrainConfig(run_dir=f"runs/{variant}"))
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny_cpu": tiny_cpu,
+    "vit_b": lambda: paper("vit_b"),
+    "vit_l": lambda: paper("vit_l"),
+    "vit_h": lambda: paper("vit_h"),
+}
