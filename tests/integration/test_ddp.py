@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import overrides, run, torchrun_cmd, train_env, train_losses
+from .helpers import metrics, overrides, run, torchrun_cmd, train_env, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,16 @@ def test_two_ranks_stay_identical_and_loss_decreases(shards: str, tmp_path: Path
     assert last < 0.8 * first, losses
 
 
-def test_plain_torchrun_launcher_works(shards: str, tmp_path: Path) -> None:
-    """``torchrun`` itself (not our wrapper) also runs the entry point."""
+def test_plain_torchrun_launcher_with_gradient_accumulation(shards: str, tmp_path: Path) -> None:
+    """``torchrun`` itself (not our wrapper) also runs the entry point; 2 micro-batches per step."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "trainer.train", "--config", "tiny_cpu"] + overrides(shards, run_dir, "optim.max_iters=3",
-                                                                      "optim.milestones=", "checkpoint.every=0")
+           "-m", "trainer.train", "--config", "tiny_cpu"] + overrides(
+               shards, run_dir, "optim.max_iters=3", "optim.milestones=", "checkpoint.every=0", "train.grad_accum=2")
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 4 images = 1 per rank x 2 ranks x 2 accumulation" in proc.stdout + proc.stderr
+    assert [r["data/images"] for r in metrics(run_dir) if "data/images" in r] == [2, 2, 2]
     state = torch.load(run_dir / "checkpoints/step-00000003/train_state.pt", weights_only=True)
     assert state["step"] == 3 and len(state["data"]) == 2 and len(state["rng"]) == 2
 
