@@ -71,9 +71,10 @@ class SamTrainModel(nn.Module):
     backward all-reduce, bucketed and overlapped with the backward pass.
     """
 
-    def __init__(self, sam: Sam, prompts: PromptConfig, loss: LossConfig) -> None:
+    def __init__(self, sam: Sam, prompts: PromptConfig, loss: LossConfig, checkpoint_rounds: bool = False) -> None:
         super().__init__()
         self.sam, self.prompts, self.loss_cfg = sam, prompts, loss
+        self.checkpoint_rounds = checkpoint_rounds
 
     def forward(self, batch: Batch, generator: torch.Generator, num_masks: torch.Tensor,
                 amp_dtype: torch.dtype | None, timer: Callable[[str], Any]) -> dict[str, torch.Tensor]:
@@ -86,7 +87,8 @@ class SamTrainModel(nn.Module):
             gt_masks = batch.masks[batch.valid]  # N×S×S, padding masks dropped
             with timer("prompt_rounds"):
                 rounds = simulate_interaction(self.sam, embeddings, image_index, gt_masks,
-                                              batch.boxes[batch.valid], self.prompts, generator)
+                                              batch.boxes[batch.valid], self.prompts, generator,
+                                              checkpoint_rounds=self.checkpoint_rounds)
         with timer("loss"), torch.autocast(device_type, enabled=False):
             outputs = [(r.low_res_masks.float(), r.iou_pred.float()) for r in rounds]
             valid = torch.ones(gt_masks.shape[0], dtype=torch.bool, device=gt_masks.device)
@@ -122,7 +124,8 @@ class TrainRun:
         self.sam = build_model(cfg.model).to(self.device)
         if cfg.train.compile:
             self.sam.image_encoder.compile()  # in place: state_dict keys unchanged
-        self.module = SamTrainModel(self.sam, cfg.prompts, cfg.loss)
+        self.module = SamTrainModel(self.sam, cfg.prompts, cfg.loss,
+                                    checkpoint_rounds=cfg.model.activation_checkpointing)
         self.model: nn.Module = self.module
         if info.world_size > 1:
             self.model = DDP(

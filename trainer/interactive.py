@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from trainer.prompts import (
@@ -80,6 +81,29 @@ def predicted_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.T
     return up.squeeze(1) > 0
 
 
+def _decode_round(
+    sam: nn.Module,
+    embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    mask_input: torch.Tensor | None,
+    multimask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt-encoder + decoder call for all masks: (N×K×4h×4w logits, N×K IoU)."""
+    # Our rows already carry the official padding ([pt, pad]; none for boxes).
+    sparse, dense = sam.prompt_encoder(
+        points=(coords, labels), boxes=None, masks=mask_input, pad_points=False
+    )
+    return sam.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=image_pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
 def simulate_interaction(
     sam: nn.Module,
     image_embeddings: torch.Tensor,
@@ -88,8 +112,13 @@ def simulate_interaction(
     gt_boxes: torch.Tensor | None,
     cfg: PromptConfig,
     generator: torch.Generator,
+    checkpoint_rounds: bool = False,
 ) -> list[RoundOutput]:
     """Run the interactive rounds for all masks of a step.
+
+    With ``checkpoint_rounds`` each round's prompt encoder + decoder activations are
+    recomputed in backward instead of kept (64 masks × 11 rounds of decoder activations
+    dominate training memory at 1024²; see ``benchmarks/bench_step.py``).
 
     The previous round's logits are fed back **without detaching** (SAM2's choice; the
     paper is silent), so the loss of later rounds also trains earlier rounds through
@@ -129,19 +158,17 @@ def simulate_interaction(
             coords = torch.cat([coords, new_coords], dim=1)
             labels = torch.cat([labels, new_labels], dim=1)
         multimask = use_multimask(num_prompts)
-        # Our rows already carry the official padding ([pt, pad]; none for boxes).
-        sparse, dense = sam.prompt_encoder(
-            points=(coords, labels), boxes=None, masks=mask_input, pad_points=False
-        )
-        low_res, iou_pred = sam.mask_decoder(
-            image_embeddings=embeddings,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        if checkpoint_rounds and torch.is_grad_enabled():
+            low_res, iou_pred = checkpoint(
+                _decode_round, sam, embeddings, image_pe, coords, labels, mask_input, multimask,
+                use_reentrant=False,
+            )
+        else:
+            low_res, iou_pred = _decode_round(
+                sam, embeddings, image_pe, coords, labels, mask_input, multimask
+            )
         outputs.append(
-            RoundOutput(low_res, iou_pred, multimask, coords, labels, mask_input, sparse.shape[1])
+            RoundOutput(low_res, iou_pred, multimask, coords, labels, mask_input, coords.shape[1])
         )
         mask_input = select_feedback_mask(low_res, iou_pred)
     return outputs

@@ -153,3 +153,24 @@ def test_configurable_round_count(sam: torch.nn.Module) -> None:
     assert len(outputs) == 4
     assert [o.num_sparse_tokens for o in outputs] == [2, 3, 4, 4]
     assert [o.multimask for o in outputs] == [True, False, False, False]
+
+
+def test_checkpointed_rounds_give_the_same_loss_and_gradients(sam: torch.nn.Module) -> None:
+    results = []
+    for checkpoint_rounds in (False, True):
+        sam.zero_grad()
+        embeddings, image_index, gt = make_batch(seed=3)
+        g = torch.Generator().manual_seed(7)
+        outputs = simulate_interaction(sam, embeddings, image_index, gt, None, PromptConfig(), g,
+                                       checkpoint_rounds=checkpoint_rounds)
+        loss = sam_loss([(o.low_res_masks, o.iou_pred) for o in outputs], gt,
+                        torch.ones(NUM_MASKS, dtype=torch.bool), NUM_MASKS, LossConfig())["loss"]
+        loss.backward()
+        grads = [p.grad.clone() for p in sam.mask_decoder.parameters() if p.grad is not None]
+        results.append((loss.detach(), embeddings.grad.clone(), grads))
+    (l0, e0, g0), (l1, e1, g1) = results
+    torch.testing.assert_close(l0, l1)
+    torch.testing.assert_close(e0, e1)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b)

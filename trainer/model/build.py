@@ -202,7 +202,8 @@ class ModelConfig:
     drop_path_rate: float = -1.0
     #: Decoder residual dropout (paper: 0.1); negative = the variant's default.
     decoder_dropout: float = -1.0
-    #: Recompute each encoder block in backward to save activation memory.
+    #: Recompute each encoder block and each interactive decoder round in backward to save
+    #: activation memory (needed for ViT-H with 64 masks × 11 rounds on 80 GiB cards).
     activation_checkpointing: bool = False
     #: Seed of the prompt encoder's Gaussian PE matrix (identical on all ranks).
     pe_seed: int = 0
