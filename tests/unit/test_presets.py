@@ -27,6 +27,7 @@ def test_vit_h_preset_is_the_paper_recipe() -> None:
     assert (p.num_rounds, p.num_correction_points, p.num_no_point_rounds, p.prob_box) == (11, 8, 2, 0.5)
     assert (p.box_noise_frac, p.box_noise_max_px) == (0.1, 20.0)
     assert (cfg.loss.weight_focal, cfg.loss.weight_dice, cfg.loss.weight_iou) == (20.0, 1.0, 1.0)
+    assert cfg.model.activation_checkpointing  # 85 GiB peak without it: must fit 80 GiB cards
 
 
 @pytest.mark.parametrize("name,lr,ld,dp", [("vit_b", 8e-4, 0.6, 0.6), ("vit_l", 4e-4, 0.8, 0.4)])
