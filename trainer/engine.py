@@ -167,8 +167,13 @@ class TrainRun:
         self.nonfinite_total = int(train_state.get("nonfinite_total", 0))
         per_rank = train_state.get("data", [])
         if len(per_rank) == self.info.world_size:
-            self.loader.load_state_dict(per_rank[self.info.rank])
             restore_rng_state(train_state["rng"][self.info.rank])
+            try:
+                self.loader.load_state_dict(per_rank[self.info.rank])
+            except ValueError as err:
+                # A changed shard list or worker count must not turn every pod restart
+                # into the same crash: train on, from the start of the data order.
+                log.warning("data position not restored (%s); data restarts from its beginning", err)
         else:
             log.warning("checkpoint was written by %d ranks, this job has %d: the data "
                         "position cannot be restored; data restarts from its beginning",

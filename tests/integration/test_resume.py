@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +134,16 @@ def test_kill_9_of_one_rank_restarts_and_finishes(shards: str, tmp_path: Path) -
         if "loss/total" in r:
             losses.setdefault(r["step"], []).append(r["loss/total"])
     assert all(len(set(v)) == 1 for v in losses.values()), losses  # same data, same result
+
+
+def test_resume_with_changed_data_settings_warns_and_continues(shards: str, tmp_path: Path) -> None:
+    """A pod restarted with other data settings must not crash-loop on the saved position."""
+    base = [sys.executable, "-m", "trainer.train", "--config", "tiny_cpu"]
+    first = run(base + overrides(shards, tmp_path, "optim.max_iters=2", "optim.milestones=",
+                                 "data.num_workers=1", "checkpoint.every=0"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(base + overrides(shards, tmp_path, "optim.max_iters=3", "optim.milestones=",
+                                  "data.seed=1", "checkpoint.every=0"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "(step 2)" in log and "data position not restored" in log
