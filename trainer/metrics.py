@@ -62,15 +62,18 @@ class MetricsLogger:
         """One training progress record and log line."""
         if not self.enabled:
             return
-        self._append({"step": step, "time": time.time(), **values})
+        record = {"step": step, "time": time.time(), **values}
+        self._append(record)
         parts = " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items() if k.startswith("loss/"))
         log.info("step %d/%d | %s | lr %.2e | %.2f img/s | data wait %.0f%% | ETA %s",
                  step, max_steps, parts, values.get("lr", 0.0), values.get("time/images_per_s", 0.0),
-                 100 * values.get("time/data_share", 0.0), format_duration(eta_s))
+                 100 * values.get("time/data_share", 0.0), format_duration(eta_s),
+                 extra={"fields": {**record, "max_steps": max_steps, "eta_s": eta_s}})
 
     def event(self, step: int, values: dict[str, Any], message: str) -> None:
         """A non-periodic record (eval results, checkpoint, skips) with its own log line."""
         if not self.enabled:
             return
-        self._append({"step": step, "time": time.time(), **values})
-        log.info("%s", message)
+        record = {"step": step, "time": time.time(), **values}
+        self._append(record)
+        log.info("%s", message, extra={"fields": record})
