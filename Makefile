@@ -9,11 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[gcs]"
+	$(PYTHON) -m pip install -e ".[gcs,s3]"
 
 install-test:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[gcs,test]"
+	$(PYTHON) -m pip install -e ".[gcs,s3,test]"
 
 demo: install
 	$(PYTHON) -m trainer demo

@@ -107,3 +107,50 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
                 os.environ[key] = value
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class S3Server:
+    """A running moto S3 server; ``bucket(name)`` creates a bucket and returns ``s3://name``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def bucket(self, name: str) -> str:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.url}, key="testing", secret="testing")
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1 (the S3 protocol for real, through s3fs/botocore).
+
+    Points fsspec's s3 defaults at it (in process, and through ``FSSPEC_S3_*`` for
+    subprocesses), with dummy keys in the standard AWS variables.
+    """
+    import fsspec.config
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": url}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = dict(fsspec.config.conf.get("s3", {}))
+    os.environ.update(env)
+    fsspec.config.conf["s3"] = {**saved_conf, "endpoint_url": url}
+    try:
+        yield S3Server(url)
+    finally:
+        fsspec.config.conf["s3"] = saved_conf
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
