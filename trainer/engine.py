@@ -144,7 +144,6 @@ class TrainRun:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
-        self.last_save_seconds = 0.0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -211,8 +210,7 @@ class TrainRun:
             },
             "config.toml": dump_toml(self.cfg, header=f"resolved config, step {self.step}"),
         }
-        info = self.ckpt.save(self.step, state)
-        self.last_save_seconds = info.seconds
+        self.ckpt.save(self.step, state)
         self.metrics.flush()
         dist.barrier()  # nobody runs ahead while rank 0 writes
 
@@ -244,10 +242,11 @@ class TrainRun:
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
         with timer("optimizer"):
             finite = self._finish_step(totals["loss"])
+        lr_used = cfg.optim.lr * lr_factor(self.step, cfg.optim)  # base lr of this step
         self.scheduler.step()
         self.step += 1
         out = {f"loss/{k.removeprefix('loss_')}" if k != "loss" else "loss/total": v for k, v in totals.items()}
-        out.update({"lr": cfg.optim.lr * lr_factor(self.step, cfg.optim), "data/wait_s": data_wait,
+        out.update({"lr": lr_used, "data/wait_s": data_wait,
                     "data/images": num_images, "nonfinite/total": self.nonfinite_total,
                     "nonfinite/skipped": float(not finite)})
         return out
