@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import contextlib
 import socket
 import stat
 import subprocess
@@ -37,6 +38,21 @@ def official_sam() -> types.ModuleType:
         return import_official_sam()
     except ImportError as err:
         pytest.fail(str(err))
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by subprocesses) and restore them after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:
@@ -94,17 +110,10 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
     else:
         proc.kill()
         pytest.fail("fake-gcs-server did not start")
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "SAM_GCS_TOKEN")}
-    os.environ["STORAGE_EMULATOR_HOST"] = url
-    os.environ["SAM_GCS_TOKEN"] = "anon"
     try:
-        yield GcsServer(url)
+        with patched_environ({"STORAGE_EMULATOR_HOST": url, "SAM_GCS_TOKEN": "anon"}):
+            yield GcsServer(url)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         proc.terminate()
         proc.wait(timeout=10)
 
@@ -140,17 +149,11 @@ def s3_server() -> Iterator[S3Server]:
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "FSSPEC_S3_ENDPOINT_URL": url}
-    saved_env = {k: os.environ.get(k) for k in env}
     saved_conf = dict(fsspec.config.conf.get("s3", {}))
-    os.environ.update(env)
     fsspec.config.conf["s3"] = {**saved_conf, "endpoint_url": url}
     try:
-        yield S3Server(url)
+        with patched_environ(env):
+            yield S3Server(url)
     finally:
         fsspec.config.conf["s3"] = saved_conf
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
