@@ -69,6 +69,14 @@ def _ious(logits: torch.Tensor, gt: torch.Tensor, hw: tuple[int, int]) -> torch.
     return inter / union.clamp(min=1)
 
 
+def eval_prompts(gt: torch.Tensor) -> dict[str, dict]:
+    """Prompt-encoder inputs for each GT mask (``N×S×S`` bool): ``point`` (its center
+    point, one positive click, ``N×1×2``) and ``box`` (its tight XYXY box, ``N×4``)."""
+    point = center_points(gt).to(gt.device)[:, None, :]
+    labels = torch.ones(gt.shape[0], 1, dtype=torch.long, device=gt.device)
+    return {"point": dict(points=(point, labels), boxes=None), "box": dict(points=None, boxes=boxes_from_masks(gt))}
+
+
 @torch.no_grad()
 def evaluate_image(sam: torch.nn.Module, image: torch.Tensor, gt: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
     """IoUs of every GT mask of one image for each metric.
@@ -82,14 +90,8 @@ def evaluate_image(sam: torch.nn.Module, image: torch.Tensor, gt: torch.Tensor, 
     """
     emb = sam.image_encoder(image[None])
     pe = sam.prompt_encoder.get_dense_pe()
-    n = gt.shape[0]
-    point = center_points(gt).to(image.device)[:, None, :]
-    prompts = {
-        "point": dict(points=(point, torch.ones(n, 1, dtype=torch.long, device=image.device)), boxes=None),
-        "box": dict(points=None, boxes=boxes_from_masks(gt)),
-    }
     out = {}
-    for kind, prompt in prompts.items():
+    for kind, prompt in eval_prompts(gt).items():
         sparse, dense = sam.prompt_encoder(masks=None, **prompt)
         logits, iou_pred = sam.mask_decoder(emb, pe, sparse, dense, multimask_output=True)
         ious = _ious(logits, gt, hw)

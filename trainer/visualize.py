@@ -15,8 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from trainer.data import PIXEL_MEAN, PIXEL_STD, Batch  # noqa: E402
-from trainer.evaluate import center_points  # noqa: E402
-from trainer.prompts import boxes_from_masks  # noqa: E402
+from trainer.evaluate import eval_prompts  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -85,9 +84,7 @@ def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path,
         gt = batch.masks[i, int(areas.argmax())][None].to(device)  # the largest mask
         emb = sam.image_encoder(batch.images[i][None].to(device))
         pe = sam.prompt_encoder.get_dense_pe()
-        point = center_points(gt).to(device)[:, None]
-        prompts = {"point": dict(points=(point, torch.ones(1, 1, dtype=torch.long, device=device)), boxes=None),
-                   "box": dict(points=None, boxes=boxes_from_masks(gt))}
+        prompts = eval_prompts(gt)
         rgb = _rgb(batch.images[i], hw)
         target = gt[0, : hw[0], : hw[1]].cpu().numpy()
         axes[r, 0].imshow(_overlay(rgb, target, (0, 120, 255), target))
@@ -101,7 +98,8 @@ def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path,
             score = (pred & target).sum() / max((pred | target).sum(), 1)
             axes[r, c].imshow(_overlay(rgb, pred, (255, 40, 40), target))
             if kind == "point":
-                axes[r, c].plot(float(point[0, 0, 0]), float(point[0, 0, 1]), "y*", ms=12)
+                x, y = prompt["points"][0][0, 0].tolist()
+                axes[r, c].plot(x, y, "y*", ms=12)
             else:
                 x0, y0, x1, y1 = prompt["boxes"][0].tolist()
                 axes[r, c].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.5))
