@@ -20,6 +20,18 @@ written to a temporary name, fsynced and renamed; GCS/S3 objects appear only whe
 upload completes. Unusable step dirs are reported with a WARNING and skipped, falling
 back to the previous complete checkpoint.
 
+Saving a step that already has a complete dir never deletes that copy first: the new
+files are written under fresh names (``model.pt.<generation>``, recorded as ``"file"`` in
+the manifest), the marker is overwritten last (an atomic object/rename), and only then
+are the files the new marker does not reference deleted. A process killed anywhere in a
+save leaves either the old complete checkpoint or the new one.
+
+When no usable checkpoint is left, :meth:`CheckpointManager.load_latest` starts from
+scratch only where a crash can explain it: no step dirs at all, or a single step dir
+without a marker (the first save was interrupted). Anything else (several unusable dirs,
+a marker whose files fail their checks, complete checkpoints that do not load) raises
+:class:`CheckpointError` naming every dir and its problem, unless ``fresh_if_unusable``.
+
 Only rank 0 writes; every rank reads on resume (see :meth:`CheckpointManager.resume`).
 Per-rank RNG states: gather :func:`capture_rng_state` from all ranks with
 ``trainer.dist.all_gather_object`` into ``train_state["rng"]`` and restore entry ``rank``
@@ -36,6 +48,7 @@ import os
 import random
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -88,6 +101,11 @@ def _file_name(key: str) -> str:
     return name
 
 
+def _stored_name(name: str, meta: Mapping[str, Any]) -> str:
+    """The file a manifest entry lives in: ``meta["file"]`` (a re-save) or its own name."""
+    return str(meta.get("file", name))
+
+
 class _HashingWriter:
     """A write-only file wrapper that counts bytes and hashes them on the way through."""
 
@@ -114,15 +132,19 @@ class CheckpointManager:
         is_main: whether this process writes (rank 0).
         weights_only: passed to ``torch.load``; True refuses arbitrary pickled objects,
             so a tampered checkpoint in a shared bucket cannot run code.
+        fresh_if_unusable: when no usable checkpoint is left, start from scratch (the
+            user asked for it) instead of raising; see :meth:`load_latest`.
     """
 
-    def __init__(self, url: str, keep_last: int = 3, is_main: bool = True, weights_only: bool = True) -> None:
+    def __init__(self, url: str, keep_last: int = 3, is_main: bool = True, weights_only: bool = True,
+                 fresh_if_unusable: bool = False) -> None:
         if keep_last < 0:
             raise ValueError(f"keep_last: must be >= 0, got {keep_last}")
         self.url = url.rstrip("/")
         self.keep_last = keep_last
         self.is_main = is_main
         self.weights_only = weights_only
+        self.fresh_if_unusable = fresh_if_unusable
         self.fs, root = url_to_fs(self.url)
         self.root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
@@ -169,26 +191,45 @@ class CheckpointManager:
         """Write ``state`` as step dir ``step`` (rank 0 only), then prune.
 
         Other ranks return at once with ``written=False``: the caller barriers after,
-        so no rank runs ahead into the next step while rank 0 still writes.
+        so no rank runs ahead into the next step while rank 0 still writes. A complete
+        dir of the same step is replaced without ever being removed first (see the
+        module docstring); an incomplete one is leftovers of a crashed save and goes.
         """
         url = self.step_url(step)
         if not self.is_main:
             return SaveInfo(step=step, url=url, seconds=0.0, num_bytes=0, written=False)
         start = time.perf_counter()
         names = {key: _file_name(key) for key in state}  # reject bad keys before deleting
-        self._remove(step)  # leftovers of a crashed save; a stale marker must not survive
+        replacing = step in self.steps() and self.problem(step) is None
+        suffix = f".{uuid.uuid4().hex[:12]}" if replacing else ""
+        if not replacing:
+            self._remove(step)  # a stale marker of a crashed save must not survive
         self.fs.makedirs(self._path(step), exist_ok=True)
-        files = {names[key]: self._write(self._path(step, names[key]), value)
-                 for key, value in state.items()}
+        files = {}
+        for key, value in state.items():
+            stored = names[key] + suffix
+            files[names[key]] = self._write(self._path(step, stored), value)
+            if suffix:
+                files[names[key]]["file"] = stored
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        self._write(self._path(step, MARKER), json.dumps(manifest, indent=1).encode())
+        self._write(self._path(step, MARKER), json.dumps(manifest, indent=1).encode())  # the commit
+        if replacing:
+            self._remove_unreferenced(step, {_stored_name(n, m) for n, m in files.items()})
         self.fs.invalidate_cache(self.root)
         self.prune()
         seconds = time.perf_counter() - start
         num_bytes = sum(meta["size"] for meta in files.values())
         log.info("saved checkpoint %s (%.1f MB) in %.2f s", url, num_bytes / 1e6, seconds)
         return SaveInfo(step=step, url=url, seconds=seconds, num_bytes=num_bytes, written=True)
+
+    def _remove_unreferenced(self, step: int, keep: set[str]) -> None:
+        """Delete the files of step dir ``step`` that its (new) marker does not list."""
+        self.fs.invalidate_cache(self._path(step))
+        for entry in self.fs.ls(self._path(step), detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name != MARKER and name not in keep:
+                self.fs.rm(self._path(step, name))
 
     # ------------------------------------------------------------------ verifying
 
@@ -210,7 +251,7 @@ class CheckpointManager:
             files = manifest["files"]
             if manifest["step"] != step or not all(
                     isinstance(m["size"], int) and m["kind"] in ("torch", "text", "bytes")
-                    for m in files.values()):
+                    and "/" not in _stored_name(n, m) for n, m in files.items()):
                 raise ValueError("manifest does not describe this step")
         except FileNotFoundError:
             raise CheckpointError("no COMPLETE marker (save interrupted?)") from None
@@ -229,10 +270,11 @@ class CheckpointManager:
         except FileNotFoundError:
             return "step dir vanished"
         for name, meta in manifest["files"].items():
-            if name not in sizes:
-                return f"{name} is missing"
-            if sizes[name] != meta["size"]:
-                return f"{name} has {sizes[name]} bytes but COMPLETE records {meta['size']} (truncated?)"
+            stored = _stored_name(name, meta)
+            if stored not in sizes:
+                return f"{stored} is missing"
+            if sizes[stored] != meta["size"]:
+                return f"{stored} has {sizes[stored]} bytes but COMPLETE records {meta['size']} (truncated?)"
         return None
 
     def complete_steps(self, warn: bool = True) -> list[int]:
@@ -280,7 +322,7 @@ class CheckpointManager:
             raise CheckpointError(f"{self.step_url(step)}: {reason}")
         state: dict[str, Any] = {}
         for name, meta in self._manifest(step)["files"].items():
-            path = self._path(step, name)
+            path = self._path(step, _stored_name(name, meta))
             try:
                 if verify:
                     self._check_hash(path, meta)
@@ -299,25 +341,44 @@ class CheckpointManager:
         return state
 
     def load_latest(self, verify: bool = True) -> tuple[int, dict[str, Any]] | None:
-        """``(step, state)`` of the newest loadable checkpoint, or None if there is none.
+        """``(step, state)`` of the newest loadable checkpoint, or None to start from scratch.
 
-        Unusable checkpoints are logged and skipped in favour of older ones.
+        Unusable checkpoints are logged and skipped in favour of older ones. None means
+        there are no step dirs, or only one without a marker (a crash during the very
+        first save), or ``fresh_if_unusable`` is set.
 
         Raises:
-            CheckpointError: complete checkpoints exist but none loads. Starting from
-                scratch then would silently discard the run (and pruning would delete
-                the checkpoints), so that needs a person.
+            CheckpointError: no checkpoint loads and a crash cannot explain why (complete
+                ones that fail to load, several unusable dirs, or a marker whose files
+                fail their checks). Starting from scratch then would silently discard the
+                run (and pruning and later saves would delete the evidence), so that needs
+                a person; the message names every step dir and what is wrong with it.
         """
-        failures = []
-        for step in self.complete_steps():
+        problems: dict[int, str | None] = {}
+        for step in self.steps():  # newest first
+            problems[step] = self.problem(step)
+            if problems[step] is not None:
+                log.warning("skipping checkpoint %s: %s", self.step_url(step), problems[step])
+                continue
             try:
                 return step, self.load(step, verify=verify)
             except CheckpointError as err:
                 log.warning("checkpoint step %d unusable, falling back to an older one: %s", step, err)
-                failures.append(str(err))
-        if failures:
-            raise CheckpointError(f"no checkpoint under {self.url} could be loaded: " + "; ".join(failures))
-        return None
+                problems[step] = str(err).removeprefix(f"{self.step_url(step)}: ")
+        if not problems:
+            return None
+        only = next(iter(problems))
+        if len(problems) == 1 and not self.fs.exists(self._path(only, MARKER)):
+            log.warning("the only step dir %s has no marker (the first save was interrupted): "
+                        "starting from step 0", self.step_url(only))
+            return None
+        listing = "; ".join(f"{step_dirname(s)}: {p}" for s, p in problems.items())
+        if self.fresh_if_unusable:
+            log.warning("no usable checkpoint under %s (%s); starting from step 0 as asked "
+                        "(fresh_if_unusable); those dirs are replaced as the run reaches them", self.url, listing)
+            return None
+        raise CheckpointError(f"no usable checkpoint under {self.url}, and a crash cannot explain that: "
+                              f"{listing}")
 
     def resume(self, dist_ops: DistOps | None = None) -> tuple[int, dict[str, Any]] | None:
         """Load the same checkpoint on every rank; None on every rank when there is none.

@@ -38,6 +38,7 @@ torchrun in-process and exits with the first failed worker's code (see
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -48,7 +49,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import torch
 import torch.distributed as tdist
@@ -249,6 +250,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(values: Sequence[int]) -> list[int]:
+    """Element-wise sum of every rank's ``values`` (same length on all ranks; a collective)."""
+    if not _active():
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_flag_device())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return [int(v) for v in tensor.tolist()]
+
+
 def _reduce_flag(flag: bool, op: str) -> bool:
     if not _active():
         return bool(flag)
@@ -406,20 +416,66 @@ def exit_code_of(code: int) -> int:
     return 128 - code if code < 0 else min(code, 255)
 
 
+#: Worker exit codes that no restart can fix: a bad config or launch environment, and a
+#: diverged run (its checkpoint would diverge again). torchrun restarts on any failure.
+PERMANENT_EXIT_CODES = frozenset({ExitCode.CONFIG, ExitCode.NONFINITE})
+
+
+@contextlib.contextmanager
+def _no_restart_on_permanent_failure() -> Iterator[None]:
+    """Make torchrun's agent give up at once when a worker exits with a permanent code.
+
+    The elastic agent restarts the worker group on any failure while ``--max-restarts``
+    remain; training again after exit 2 or 3 only repeats the failure (and, for 3,
+    rewrites checkpoints). ``SimpleElasticAgent`` has no hook for this, so its
+    ``_monitor_workers`` is wrapped in this process while torchrun runs: a FAILED
+    result with a permanent exit code sets the remaining restarts to 0, and the agent
+    stops the group and returns the failure as usual (exit code kept by the caller).
+    """
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    original = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if original is None:  # a torch without it: keep torchrun's own behaviour
+        log.warning("torchrun agent has no _monitor_workers: exit codes %s will be restarted",
+                    sorted(int(c) for c in PERMANENT_EXIT_CODES))
+        yield
+        return
+
+    def monitor(self: Any, worker_group: Any) -> Any:
+        result = original(self, worker_group)
+        if result.state == WorkerState.FAILED:
+            codes = {f.exitcode for f in result.failures.values()}
+            if codes & PERMANENT_EXIT_CODES and getattr(self, "_remaining_restarts", 0) > 0:
+                log.error("a worker exited with %s (permanent): not restarting",
+                          sorted(codes & PERMANENT_EXIT_CODES))
+                self._remaining_restarts = 0
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor
+    try:
+        yield
+    finally:
+        LocalElasticAgent._monitor_workers = original
+
+
 def run_torchrun(argv: Sequence[str]) -> int:
     """Run torchrun in this process and return the exit status the pod should have.
 
     Unlike the ``torchrun`` command, which exits 1 for any worker failure, this returns
     the first failed worker's exit code (so ``ExitCode.PREEMPTED`` reaches the
     PyTorchJob ``ExitCode`` restart policy), and 128+N when torchrun itself gets signal N
-    (it forwards the signal to the workers and waits for them first).
+    (it forwards the signal to the workers and waits for them first). Workers that exit
+    with a code of :data:`PERMANENT_EXIT_CODES` are not restarted, whatever
+    ``--max-restarts`` says.
     """
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
-        torchrun.run(torchrun.parse_args(list(argv)))
+        with _no_restart_on_permanent_failure():
+            torchrun.run(torchrun.parse_args(list(argv)))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = exit_code_of(failure.exitcode)

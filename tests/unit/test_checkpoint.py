@@ -165,7 +165,7 @@ def test_no_loadable_checkpoint_raises_instead_of_starting_over() -> None:
     size = manager.fs.size(path)
     with manager.fs.open(path, "wb") as f:
         f.write(b"\x01" * size)
-    with pytest.raises(CheckpointError, match="could be loaded"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*step-00000001: model.pt: sha256"):
         manager.load_latest()
 
 
@@ -237,3 +237,76 @@ def test_bad_state_key_rejected() -> None:
         with pytest.raises(ValueError, match="not a valid file name"):
             manager.save(1, {"model": {}, key: b"x"})
     assert manager.latest_complete() == 1  # nothing was deleted
+
+
+def _truncate(manager: CheckpointManager, step: int, name: str = "model.pt") -> None:
+    path = f"{manager._path(step)}/{name}"
+    data = manager.fs.cat_file(path)
+    with manager.fs.open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _drop_marker(manager: CheckpointManager, step: int) -> None:
+    manager.fs.rm(f"{manager._path(step)}/{MARKER}")
+
+
+def test_resave_of_complete_step_never_removes_it_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save of an existing complete step killed at any file leaves a complete checkpoint."""
+    manager = CheckpointManager(f"memory://resave-kill-{uuid.uuid4().hex[:8]}")
+    manager.save(5, make_state(5))
+    original = CheckpointManager._write
+    for fail_at in range(4):  # model.pt, train_state.pt, config.toml, COMPLETE
+        calls = []
+
+        def dying_write(self: CheckpointManager, path: str, payload: Any) -> dict[str, Any]:
+            calls.append(path)
+            if len(calls) > fail_at:
+                raise KeyboardInterrupt("killed")  # stands in for SIGKILL mid-save
+            return original(self, path, payload)
+
+        monkeypatch.setattr(CheckpointManager, "_write", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            manager.save(5, make_state(6))
+        monkeypatch.setattr(CheckpointManager, "_write", original)
+        step, state = manager.load_latest()
+        assert step == 5 and state["train_state"]["step"] == 5  # the old copy, intact
+    manager.save(5, make_state(6))  # an uninterrupted re-save replaces it...
+    assert manager.load(5)["train_state"]["step"] == 6
+    names = {p.rsplit("/", 1)[-1] for p in manager.fs.ls(manager._path(5), detail=False)}
+    assert len(names) == 4 and MARKER in names  # ...and leaves no stale files behind
+
+
+def test_no_usable_checkpoint_refuses_unless_a_crash_explains_it(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"memory://unusable-{uuid.uuid4().hex[:8]}"
+    manager = CheckpointManager(url)
+    manager.save(1, make_state(1))
+    _drop_marker(manager, 1)
+    assert manager.load_latest() is None  # the very first save was interrupted: start over
+    manager.save(1, make_state(1))
+    manager.save(2, make_state(2))
+    _drop_marker(manager, 2)  # a crash leaves only the newest dir incomplete...
+    _truncate(manager, 1)  # ...so a truncated older one as well is not a crash
+    with pytest.raises(CheckpointError) as err:
+        manager.load_latest()
+    assert "step-00000002: no COMPLETE marker" in str(err.value)
+    assert "step-00000001: model.pt has" in str(err.value) and "truncated" in str(err.value)
+    only_truncated = CheckpointManager(f"memory://unusable1-{uuid.uuid4().hex[:8]}")
+    only_truncated.save(3, make_state(3))
+    _truncate(only_truncated, 3)
+    with pytest.raises(CheckpointError, match="step-00000003: model.pt has"):  # a marker that lies
+        only_truncated.load_latest()
+    with caplog.at_level(logging.WARNING):
+        assert CheckpointManager(url, fresh_if_unusable=True).load_latest() is None
+    assert "starting from step 0 as asked" in caplog.text
+
+
+def test_manifest_with_stored_names_survives_format_one_readers() -> None:
+    """A re-saved step's manifest maps names to generation files; sizes and hashes still check."""
+    manager = CheckpointManager(f"memory://gen-{uuid.uuid4().hex[:8]}")
+    manager.save(4, make_state(4))
+    manager.save(4, make_state(4))
+    manifest = json.loads(manager.fs.cat_file(f"{manager._path(4)}/{MARKER}"))
+    assert all(meta["file"].startswith(name + ".") for name, meta in manifest["files"].items())
+    assert manager.problem(4) is None
+    _truncate(manager, 4, manifest["files"]["model.pt"]["file"])
+    assert "truncated" in manager.problem(4)

@@ -235,3 +235,22 @@ def test_torchrun_wrapper_sigterm_is_retryable(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == ExitCode.PREEMPTED, out[-2000:]
+
+
+@pytest.mark.parametrize("code, attempts", [(2, 1), (3, 1), (1, 3), (143, 3)])
+def test_torchrun_wrapper_restarts_only_retryable_failures(tmp_path: Path, code: int, attempts: int) -> None:
+    # Exit 2 (config) and 3 (non-finite) fail the same way again: never restarted, even
+    # with restarts left; other failures are restarted until --max-restarts is used up.
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import os, pathlib, sys\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'attempt' + os.environ['TORCHELASTIC_RESTART_COUNT']).touch()\n"
+        f"sys.exit({code})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.dist", "--standalone", "--nproc_per_node=1", "--max-restarts=2",
+         "--monitor_interval=0.1", str(script)],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("attempt*"))) == attempts, proc.stderr[-2000:]
