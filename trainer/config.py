@@ -83,7 +83,10 @@ class TrainConfig:
         amp: mixed precision: ``auto`` is bf16 on CUDA and off on CPU; ``off`` is fp32.
         compile: wrap the model in ``torch.compile``.
         grad_accum: micro-batches per optimizer step (effective batch = batch × this × world).
-        grad_clip: max global L2 norm of gradients; 0 disables clipping.
+        grad_clip: max global L2 norm of gradients; 0 disables clipping. Not the paper's
+            recipe (it states none, SAM_RECIPE.md §1 and Discrepancies 6; SAM 2 clips at
+            0.1): the paper presets set 0, ``tiny_cpu`` keeps 1.0 for stable CPU demos. The
+            norm before clipping is computed and reported (``grad_norm``) either way.
         find_unused_parameters: DDP flag; needed when some parameters get no gradient in a
             step (e.g. the mask-prompt encoder when no mask prompts are sampled).
         log_every: iterations between metric log lines.
@@ -161,6 +164,8 @@ class EvalConfig:
         every: iterations between evaluations; 0 evaluates only at the end.
         num_images: images per evaluation (taken in shard order); 0 uses all.
         batch_size: images per rank per evaluation batch.
+        max_masks_per_image: masks scored per image, sampled with a fixed seed (the same
+            as ``sam-train eval --max-masks``, whose default is also 64).
         at_end: also evaluate after the last iteration.
     """
 
@@ -168,10 +173,12 @@ class EvalConfig:
     every: int = 5000
     num_images: int = 500
     batch_size: int = 4
+    max_masks_per_image: int = 64
     at_end: bool = True
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "every", "must be >= 0", self.every)
+        _check(self.max_masks_per_image >= 1, "max_masks_per_image", "must be >= 1", self.max_masks_per_image)
         _check(self.num_images >= 0, "num_images", "must be >= 0 (0 uses all)", self.num_images)
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 

@@ -13,7 +13,6 @@ point and a box prompt; print where everything went.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -63,20 +62,21 @@ def _run_training(sets: list[str], nproc: int, log_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sam-train demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from trainer.cli import HelpFormatter  # keeps the docstring's layout, shows defaults
+
+    parser = argparse.ArgumentParser(prog="sam-train demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--steps", type=int, default=300, help="training iterations (default 300)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
-    parser.add_argument("--train-images", type=int, default=192)
+    parser.add_argument("--train-images", type=int, default=192, help="synthetic training images")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra training config override")
+                        help="extra training config override (repeatable; see sam-train config)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     start = time.perf_counter()
 
-    from trainer.data import build_loader, write_synthetic_shards
-    from trainer.evaluate import evaluate
+    from trainer.data import write_synthetic_shards
+    from trainer.evaluate import eval_data_config, evaluate_shards
     from trainer.model import build_model, export_official, read_state_dict
     from trainer.visualize import plot_loss_curve, prediction_grid, read_metrics
 
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)  # the engine's seeding: the same initial weights
     model = build_model(cfg.model)
 
-    eval_cfg = dataclasses.replace(cfg.data, shards=",".join(cfg.eval.shards), num_workers=0)
-    before = evaluate(model, iter(build_loader(eval_cfg, 0, 1)), cfg.eval.num_images, torch.device("cpu")).miou()
+    eval_cfg = eval_data_config(cfg.eval.shards, cfg.data.img_size)  # as the training-time eval
+    before = evaluate_shards(model, eval_cfg, cfg.eval.num_images, torch.device("cpu")).miou()
     print("[demo] mIoU before training: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
 
     code = _run_training(sets, args.nproc, out / "train.log")
@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_url = cfg.checkpoint.resolve_url(cfg.train.run_dir)
     model.load_state_dict(read_state_dict(f"{ckpt_url}/step-{args.steps:08d}"))
     export_path = export_official(model, str(out / "sam_tiny.pth"))
-    after = evaluate(model, iter(build_loader(eval_cfg, 0, 1)), cfg.eval.num_images, torch.device("cpu")).miou()
+    scored = evaluate_shards(model, eval_cfg, cfg.eval.num_images, torch.device("cpu"), keep_images=4)
+    after = scored.miou()
     records = read_metrics(out / "run/metrics.jsonl")
     losses = [r["loss/total"] for r in records if "loss/total" in r]
     curve = plot_loss_curve(records, out / "loss_curve.png", before=before)
-    loader = iter(build_loader(dataclasses.replace(eval_cfg, batch_size=4), 0, 1))
-    grid = prediction_grid(model, [next(loader)], out / "predictions.png")
+    grid = prediction_grid(model, scored.kept, out / "predictions.png")
 
     print(f"\n[demo] done in {time.perf_counter() - start:.0f}s")
     print(f"  loss (first -> last logged step): {losses[0]:.3f} -> {losses[-1]:.3f}")

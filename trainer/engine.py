@@ -14,8 +14,8 @@ run would have (bitwise on CPU).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
+import math
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,17 +24,19 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import dist
-from trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from trainer.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from trainer.config import ConfigError, dump_toml
 from trainer.presets import Config
 from trainer.data import Batch, build_loader
-from trainer.evaluate import EvalResult, evaluate
+from trainer.evaluate import EvalResult, eval_data_config, evaluate_shards
 from trainer.interactive import simulate_interaction
 from trainer.loss import LossConfig, num_masks_across_ranks, sam_loss
 from trainer.metrics import MetricsLogger
 from trainer.model import Sam, build_model
-from trainer.optim import build_optimizer, build_scheduler, lr_factor
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.preflight import check_run_locations
 from trainer.prompts import PromptConfig
+from trainer.resume import apply_optim_config, reconcile_config
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,16 @@ class SamTrainModel(nn.Module):
                 embeddings = self.sam.image_encoder(batch.images)  # B×C×h×w
             image_index = batch.valid.nonzero()[:, 0]  # the image of each real mask
             gt_masks = batch.masks[batch.valid]  # N×S×S, padding masks dropped
+            # N×2 (h, w) of each mask's unpadded image: clicks and loss stay out of the padding.
+            valid_hw = batch.input_sizes.to(gt_masks.device)[image_index]
             with timer("prompt_rounds"):
                 rounds = simulate_interaction(self.sam, embeddings, image_index, gt_masks,
                                               batch.boxes[batch.valid], self.prompts, generator,
-                                              checkpoint_rounds=self.checkpoint_rounds)
+                                              checkpoint_rounds=self.checkpoint_rounds, valid_hw=valid_hw)
         with timer("loss"), torch.autocast(device_type, enabled=False):
             outputs = [(r.low_res_masks.float(), r.iou_pred.float()) for r in rounds]
             valid = torch.ones(gt_masks.shape[0], dtype=torch.bool, device=gt_masks.device)
-            return sam_loss(outputs, gt_masks, valid, num_masks, self.loss_cfg)
+            return sam_loss(outputs, gt_masks, valid, num_masks, self.loss_cfg, valid_hw=valid_hw)
 
 
 def amp_dtype_for(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -120,6 +124,8 @@ class TrainRun:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        ckpt_url = cfg.checkpoint.resolve_url(cfg.train.run_dir)
+        check_run_locations({"train.run_dir": cfg.train.run_dir, "checkpoint.url": ckpt_url}, info.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.sam = build_model(cfg.model).to(self.device)
         if cfg.train.compile:
@@ -136,8 +142,9 @@ class TrainRun:
         self.optimizer = build_optimizer(self.sam, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.loader = build_loader(cfg.data, info.rank, info.world_size)
-        self.ckpt = CheckpointManager(cfg.checkpoint.resolve_url(cfg.train.run_dir),
-                                      keep_last=cfg.checkpoint.keep_last, is_main=info.is_main)
+        self.ckpt = CheckpointManager(ckpt_url,
+                                      keep_last=cfg.checkpoint.keep_last, is_main=info.is_main,
+                                      fresh_if_unusable=cfg.checkpoint.fresh_if_unusable)
         self.metrics = MetricsLogger(cfg.train.run_dir, enabled=info.is_main)
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self.timer = StepTimer(profile, self.device)
@@ -148,37 +155,57 @@ class TrainRun:
     # ------------------------------------------------------------------ checkpoints
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint, if any (all ranks agree on which)."""
+        """Load the newest complete checkpoint, if any (all ranks agree on which).
+
+        Settings changed since the checkpoint are applied or refused (``trainer.resume``);
+        ``self.cfg`` becomes the config in effect. No usable checkpoint where a crash
+        cannot explain it is a :class:`ConfigError` (exit 2) naming each step dir.
+        """
         if self.cfg.checkpoint.resume == "off":
             if self.ckpt.steps():
                 raise ConfigError(f"checkpoint.resume: 'off' but {self.ckpt.url} already holds "
                                   "checkpoints; choose a new checkpoint.url or resume=auto")
             return False
-        found = self.ckpt.resume()
+        try:
+            found = self.ckpt.resume()
+        except CheckpointError as err:
+            raise ConfigError(f"checkpoint.url: {err}. Fix or remove those step dirs, set "
+                              "checkpoint.fresh_if_unusable=true to start from step 0 anyway, or use a "
+                              "new checkpoint.url") from err
         if found is None:
             return False
         step, state = found
-        self.sam.load_state_dict(state["model"])
         train_state = state["train_state"]
-        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.cfg = reconcile_config(self.cfg, state.get("config.toml", ""), step, warn=self.info.is_main)
+        try:
+            self.sam.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(train_state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"checkpoint.url: step {step} under {self.ckpt.url} does not fit this "
+                              f"model/optimizer config: {str(err).splitlines()[0]}") from err
         self.scheduler.load_state_dict(train_state["scheduler"])
         self.step = int(train_state["step"])
+        apply_optim_config(self.optimizer, self.scheduler, self.sam, self.cfg, self.step)
         self.nonfinite_total = int(train_state.get("nonfinite_total", 0))
+        self._restore_data_and_rng(train_state)
+        log.info("resumed from %s (step %d)", self.ckpt.step_url(step), self.step)
+        return True
+
+    def _restore_data_and_rng(self, train_state: dict[str, Any]) -> None:
+        """This rank's RNG state and data position, when the world size is unchanged."""
         per_rank = train_state.get("data", [])
-        if len(per_rank) == self.info.world_size:
-            restore_rng_state(train_state["rng"][self.info.rank])
-            try:
-                self.loader.load_state_dict(per_rank[self.info.rank])
-            except ValueError as err:
-                # A changed shard list or worker count must not turn every pod restart
-                # into the same crash: train on, from the start of the data order.
-                log.warning("data position not restored (%s); data restarts from its beginning", err)
-        else:
+        if len(per_rank) != self.info.world_size:
             log.warning("checkpoint was written by %d ranks, this job has %d: the data "
                         "position cannot be restored; data restarts from its beginning",
                         len(per_rank), self.info.world_size)
-        log.info("resumed from %s (step %d)", self.ckpt.step_url(step), self.step)
-        return True
+            return
+        restore_rng_state(train_state["rng"][self.info.rank])
+        try:
+            self.loader.load_state_dict(per_rank[self.info.rank])
+        except ValueError as err:
+            # A changed shard list or worker count must not turn every pod restart
+            # into the same crash: train on, from the start of the data order.
+            log.warning("data position not restored (%s); data restarts from its beginning", err)
 
     def check_replicas(self) -> None:
         """Fail loudly if DDP replicas diverged: every rank's weights must be identical.
@@ -192,6 +219,9 @@ class TrainRun:
                                  for p in self.sam.parameters()])
         digest = stats.flatten().tolist()
         digests = dist.all_gather_object(digest)
+        if not all(math.isfinite(v) for d in digests for v in d):  # NaN != NaN: check this first
+            raise NonFiniteLossError(f"step {self.step}: non-finite weights on some rank; not checkpointing "
+                                     f"them. The last good checkpoint is kept under {self.ckpt.url}")
         if any(d != digests[0] for d in digests):
             raise RuntimeError(f"step {self.step}: model replicas differ across ranks")
         log.info("step %d: parameters identical on all %d ranks (digest %.10g)", self.step, len(digests), sum(digest))
@@ -241,86 +271,146 @@ class TrainRun:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
         with timer("optimizer"):
-            finite = self._finish_step(totals["loss"])
-        lr_used = cfg.optim.lr * lr_factor(self.step, cfg.optim)  # base lr of this step
+            finite, grad_norm = self._finish_step(totals["loss"])
+        # The base lr this step used, read from the optimizer (what is in effect, not the config).
+        group = self.optimizer.param_groups[-1]
+        lr_used = group["lr"] / group.get("lr_scale", 1.0)
         self.scheduler.step()
         self.step += 1
         out = {f"loss/{k.removeprefix('loss_')}" if k != "loss" else "loss/total": v for k, v in totals.items()}
-        out.update({"lr": lr_used, "data/wait_s": data_wait,
+        out.update({"lr": lr_used, "grad_norm": grad_norm, "data/wait_s": data_wait,
                     "data/images": num_images, "nonfinite/total": self.nonfinite_total,
                     "nonfinite/skipped": float(not finite)})
         return out
 
-    def _finish_step(self, loss: float) -> bool:
-        """Clip, agree across ranks that the step is finite, then update or skip."""
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Global L2 norm of the gradients before clipping; clips when ``train.grad_clip`` > 0.
+
+        Computed even without clipping (the paper presets): it is reported, and a
+        non-finite gradient must be caught whether or not clipping is on.
+        """
+        clip = self.cfg.train.grad_clip
+        if not params:
+            return torch.tensor(0.0)
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, clip)
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+        if total_norm is None:
+            return torch.nn.utils.clip_grad_norm_(params, float("inf"))  # scales by 1: a norm only
+        return total_norm([p.grad for p in params])
+
+    def _finish_step(self, loss: float) -> tuple[bool, float]:
+        """Agree across ranks that loss and gradients are finite, then update or skip.
+
+        After an update every rank checks that its parameters are still finite (one
+        fused norm over all of them; finite loss and gradients can still give inf/NaN
+        weights, e.g. with a huge lr). Weights that are not finite cannot be undone, so
+        all ranks stop with :class:`NonFiniteLossError` (exit 3) before any checkpoint
+        holds them. Returns ``(updated, grad norm before clipping)``.
+        """
         params = [p for p in self.sam.parameters() if p.grad is not None]
-        grad_norm = torch.tensor(0.0)
-        if self.cfg.train.grad_clip > 0 and params:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        local_ok = bool(torch.isfinite(torch.tensor(loss))) and bool(torch.isfinite(grad_norm))
+        grad_norm = self._grad_norm(params)
+        local_ok = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        shown = self.step + 1  # the step number the progress line of this step shows
         if dist.all_agree(local_ok):
             self.optimizer.step()
             self.nonfinite_streak = 0
-            return True
+            weights = torch.stack(torch._foreach_norm(params)).sum() if params else torch.tensor(0.0)
+            if not dist.all_agree(bool(torch.isfinite(weights))):
+                raise NonFiniteLossError(
+                    f"step {shown}: the update made the weights non-finite on some rank (finite loss and "
+                    f"gradients, lr {self.optimizer.param_groups[-1]['lr']:.3g}); stopping. The last good "
+                    f"checkpoint is kept under {self.ckpt.url}")
+            return True, float(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total += 1
         self.nonfinite_streak += 1
         log.warning("step %d: non-finite loss or gradient on some rank; update skipped "
-                    "(%d in a row, %d in total)", self.step, self.nonfinite_streak, self.nonfinite_total)
+                    "(%d in a row, %d in total)", shown, self.nonfinite_streak, self.nonfinite_total)
         if self.nonfinite_streak >= max(self.cfg.train.max_nonfinite_steps, 1):
             raise NonFiniteLossError(
                 f"loss non-finite for {self.nonfinite_streak} consecutive steps (train.max_nonfinite_steps="
                 f"{self.cfg.train.max_nonfinite_steps}); stopping. The last good checkpoint is kept "
                 f"under {self.ckpt.url}")
-        return False
+        return False, float(grad_norm)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> EvalResult | None:
-        """mIoU on ``eval.shards`` (rank 0 evaluates, the others wait)."""
+        """mIoU on ``eval.shards`` (rank 0 evaluates, the others wait).
+
+        The same protocol, data pass and mask sampling as ``sam-train eval`` (one in-order
+        pass, fixed-seed masks: ``trainer.evaluate.eval_data_config``); logs
+        ``eval/<metric>`` for ``trainer.evaluate.metric_keys()`` plus ``eval/masks``,
+        ``eval/images`` and ``eval/skipped``.
+        """
         cfg = self.cfg
         if not cfg.eval.shards:
             return None
         result = None
         if self.info.is_main:
-            data_cfg = dataclasses.replace(cfg.data, shards=",".join(cfg.eval.shards), batch_size=cfg.eval.batch_size,
-                                           num_workers=0, lsj=False, hflip=False)
-            loader = build_loader(data_cfg, rank=0, world_size=1)
-            result = evaluate(self.sam, iter(loader), cfg.eval.num_images, self.device)
+            data_cfg = eval_data_config(cfg.eval.shards, cfg.data.img_size,
+                                        max_masks_per_image=cfg.eval.max_masks_per_image)
+            result = evaluate_shards(self.sam, data_cfg, cfg.eval.num_images, self.device,
+                                     batch_size=cfg.eval.batch_size)
             miou = result.miou()
-            self.metrics.event(self.step, {f"eval/{k}": v for k, v in miou.items()} | {"eval/masks": result.num_masks},
+            counts = {"eval/masks": result.num_masks, "eval/images": result.num_images,
+                      "eval/skipped": sum(result.skips.values())}
+            self.metrics.event(self.step, {f"eval/{k}": v for k, v in miou.items()} | counts,
                                "eval step %d: " % self.step + ", ".join(f"{k} mIoU {v:.3f}" for k, v in miou.items())
-                               + f" ({result.num_masks} masks, {result.num_images} images)")
+                               + f" ({result.num_masks} masks in {result.num_images} images)")
         dist.barrier()
         return result
 
     # ------------------------------------------------------------------ the loop
 
+    def _log_progress(self, values: dict[str, float], window: dict[str, float], start: tuple[float, int]) -> None:
+        """One progress line / metrics record; skip counts are summed over all ranks.
+
+        Called at the same steps on every rank (the all-reduce is a collective).
+        """
+        from trainer.data.sa1b import SKIP_REASONS
+
+        elapsed = time.perf_counter() - window["start"]
+        values["time/images_per_s"] = window["images"] / max(elapsed, 1e-9)
+        values["time/data_share"] = window["wait"] / max(elapsed, 1e-9)
+        counts = self.loader.skip_counts()
+        summed = dist.sum_over_ranks([counts.get(k, 0) for k in SKIP_REASONS])
+        values.update({f"data/skipped_{k}": v for k, v in zip(SKIP_REASONS, summed, strict=True)})
+        max_iters = self.cfg.optim.max_iters
+        per_step = (time.perf_counter() - start[0]) / max(self.step - start[1], 1)
+        self.metrics.train(self.step, max_iters, values, per_step * (max_iters - self.step))
+
     def run(self, shutdown: dist.GracefulShutdown) -> int:
-        """Train to ``optim.max_iters``; returns the process exit code."""
-        cfg, max_iters = self.cfg, self.cfg.optim.max_iters
-        self.resume()
+        """Train to ``optim.max_iters``; returns the process exit code.
+
+        A run resumed at (or past) ``max_iters`` is finished: it exits 0 and writes
+        nothing. A shutdown signal during the last step finishes the run (final
+        checkpoint, no end-of-run evaluation, exit 0) rather than asking for a restart.
+        """
+        resumed = self.resume()
+        cfg, max_iters = self.cfg, self.cfg.optim.max_iters  # after resume: the config in effect
+        if resumed and self.step >= max_iters:
+            log.info("checkpoint step %d already reaches optim.max_iters=%d: training is finished, nothing "
+                     "to do (raise optim.max_iters to train on)", self.step, max_iters)
+            return dist.ExitCode.OK
         global_batch = cfg.data.batch_size * self.info.world_size * cfg.train.grad_accum
         log.info("global batch %d images = %d per rank x %d ranks x %d accumulation; up to %d masks per image; "
                  "%d rounds per mask; device %s, amp %s", global_batch, cfg.data.batch_size, self.info.world_size,
                  cfg.train.grad_accum, cfg.data.max_masks_per_image, cfg.prompts.num_rounds, self.device,
                  self.amp_dtype or "off")
         batches = iter(self.loader)
-        window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-        run_start, start_step = time.perf_counter(), self.step
-        saved_at = -1
+        window = {"start": time.perf_counter(), "images": 0, "wait": 0.0}
+        start = (time.perf_counter(), self.step)
+        saved_at = self.step if resumed else -1  # the resumed step is on storage already
+        end_eval = cfg.eval.at_end
         while self.step < max_iters:
             values = self.train_step(batches)
-            window_images += values["data/images"] * self.info.world_size
-            window_wait += values["data/wait_s"]
+            window["images"] += values["data/images"] * self.info.world_size
+            window["wait"] += values["data/wait_s"]
             if self.step % cfg.train.log_every == 0 or self.step == max_iters:
-                elapsed = time.perf_counter() - window_start
-                values["time/images_per_s"] = window_images / max(elapsed, 1e-9)
-                values["time/data_share"] = window_wait / max(elapsed, 1e-9)
-                values.update({f"data/skipped_{k}": v for k, v in self.loader.skip_counts().items()})
-                per_step = (time.perf_counter() - run_start) / max(self.step - start_step, 1)
-                self.metrics.train(self.step, max_iters, values, per_step * (max_iters - self.step))
-                window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
+                self._log_progress(values, window, start)
+                window = {"start": time.perf_counter(), "images": 0, "wait": 0.0}
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
                 saved_at = self.step
@@ -329,13 +419,19 @@ class TrainRun:
             if shutdown.agree():
                 if saved_at != self.step:
                     self.save()
+                    saved_at = self.step
+                if self.step == max_iters:  # done: a restart would have nothing to do
+                    log.warning("%s received during the last step: training is finished; skipping the "
+                                "end-of-run evaluation", shutdown.signal_name or "shutdown signal on another rank")
+                    end_eval = False
+                    break
                 log.warning("%s received: checkpoint at step %d written; exiting %d so the job restarts",
                             shutdown.signal_name or "shutdown signal on another rank", self.step,
                             dist.ExitCode.PREEMPTED)
                 return dist.ExitCode.PREEMPTED
         if saved_at != self.step:
             self.save()
-        if cfg.eval.at_end:
+        if end_eval:
             self.evaluate()
         log.info("training finished at step %d; checkpoints under %s", self.step, self.ckpt.url)
         return dist.ExitCode.OK
@@ -345,6 +441,7 @@ def train(cfg: Config, profile: bool = False) -> int:
     """Run training in this process (one rank of a torchrun job, or alone)."""
     info = dist.init_distributed(cfg.train.device)
     dist.setup_logging(info.rank, cfg.log.level, cfg.log.format)
+    run: TrainRun | None = None
     try:
         run = TrainRun(cfg, info, profile=profile)
         if info.is_main:
@@ -355,4 +452,6 @@ def train(cfg: Config, profile: bool = False) -> int:
         log.error("%s", err)
         return dist.ExitCode.NONFINITE
     finally:
+        if run is not None:  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
+            run.metrics.close()
         dist.destroy()

@@ -6,6 +6,17 @@ noisy box; each later round either adds a correction click sampled from the prev
 prediction's error region or adds nothing, and always feeds back the previous round's
 low-res logits as the mask prompt. Prompt sampling lives in ``trainer.prompts``; the
 loss over the returned rounds in ``trainer.loss.sam_loss``.
+
+Multimask per row: a lone point gets the 3 multimask outputs, a box (two corner prompts,
+SAM 2's rule; ``PromptConfig.box_multimask``) and any later round the single-mask token
+(SAM_RECIPE.md §1 "Single vs multi-mask", §3). Round 1 mixes point and box rows in one
+decoder call: the decoder computes all 4 tokens anyway, so each row takes its outputs,
+and a single-output row carries its one mask repeated 3× so that the min-over-outputs
+loss and the highest-IoU feedback both reduce to that mask (ties pick it; the gradient
+reaches token 0 once).
+
+Padding: with ``valid_hw`` (each mask's unpadded image size), correction clicks are drawn
+only inside the image and boxes are clamped to it (``trainer.prompts``).
 """
 
 from __future__ import annotations
@@ -18,9 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from trainer.prompts import (
+    LABEL_BOX_TOP_LEFT,
     PromptConfig,
     boxes_from_masks,
+    image_region,
     num_prompts_per_round,
+    prompts_per_row,
     sample_correction_points,
     sample_initial_prompts,
     sample_round_plan,
@@ -35,7 +49,7 @@ class RoundOutput:
     Attributes:
         low_res_masks: N×K×4h×4w mask logits (K = 3 if ``multimask`` else 1).
         iou_pred: N×K predicted IoU.
-        multimask: whether the decoder returned its 3 multimask outputs.
+        multimask: K == 3, i.e. at least one row got the 3 multimask outputs.
         point_coords: N×P×2 ``(x, y)`` input-frame pixels given to the prompt encoder.
         point_labels: N×P labels (1 pos, 0 neg, -1 pad, 2/3 box corners).
         mask_input: N×1×4h×4w mask prompt of this round (None in round 1).
@@ -49,6 +63,8 @@ class RoundOutput:
     point_labels: torch.Tensor
     mask_input: torch.Tensor | None
     num_sparse_tokens: int
+    #: N bool: rows that got the 3 multimask outputs; the others hold token 0 (×K).
+    multimask_rows: torch.Tensor | None = None
 
 
 def select_feedback_mask(low_res_masks: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
@@ -88,20 +104,48 @@ def _decode_round(
     coords: torch.Tensor,
     labels: torch.Tensor,
     mask_input: torch.Tensor | None,
-    multimask: bool,
+    multimask: bool | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prompt-encoder + decoder call for all masks: (N×K×4h×4w logits, N×K IoU)."""
+    """One prompt-encoder + decoder call for all masks: (N×K×4h×4w logits, N×K IoU).
+
+    ``multimask`` is one flag for all rows, or N bool per row (then K = 3 and rows
+    without it carry token 0 repeated, see the module docstring).
+    """
     # Our rows already carry the official padding ([pt, pad]; none for boxes).
     sparse, dense = sam.prompt_encoder(
         points=(coords, labels), boxes=None, masks=mask_input, pad_points=False
     )
-    return sam.mask_decoder(
-        image_embeddings=embeddings,
-        image_pe=image_pe,
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
+    if isinstance(multimask, bool):
+        return sam.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+    masks, iou = sam.mask_decoder.predict_masks(embeddings, image_pe, sparse, dense)  # N×4
+    rows = multimask.view(-1, 1)
+    iou = torch.where(rows, iou[:, 1:], iou[:, :1].expand(-1, 3))
+    masks = torch.where(rows.view(-1, 1, 1, 1), masks[:, 1:], masks[:, :1].expand(-1, 3, -1, -1))
+    return masks, iou
+
+
+def _round_multimask(
+    num_prompts: int, is_box: torch.Tensor, num_box: int, cfg: PromptConfig
+) -> tuple[bool | torch.Tensor, torch.Tensor]:
+    """The decoder's multimask argument for a round, and the N per-row flags.
+
+    The argument is one bool when all rows agree (the official decoder slice) and the N
+    bool rows when point and box rows differ (round 1 under SAM 2's box rule).
+    """
+    kinds = prompts_per_row(num_prompts, torch.tensor([False, True]), cfg)  # a point row, a box row
+    point_multi, box_multi = (bool(v) for v in use_multimask(kinds).tolist())
+    rows = torch.where(is_box, box_multi, point_multi)
+    if num_box == 0:
+        return point_multi, rows
+    if num_box == is_box.numel() or point_multi == box_multi:
+        return box_multi, rows
+    return rows, rows
 
 
 def simulate_interaction(
@@ -113,6 +157,7 @@ def simulate_interaction(
     cfg: PromptConfig,
     generator: torch.Generator,
     checkpoint_rounds: bool = False,
+    valid_hw: torch.Tensor | None = None,
 ) -> list[RoundOutput]:
     """Run the interactive rounds for all masks of a step.
 
@@ -123,7 +168,8 @@ def simulate_interaction(
     The previous round's logits are fed back **without detaching** (SAM2's choice; the
     paper is silent), so the loss of later rounds also trains earlier rounds through
     the mask prompt. Points accumulate across rounds. The round plan, and so the token
-    count and the multimask flag, is shared by all masks (``sample_round_plan``).
+    count, is shared by all masks (``sample_round_plan``); the multimask choice is per
+    row (a lone point: 3 outputs; a box or several prompts: 1).
 
     Args:
         sam: a ``Sam`` (uses ``prompt_encoder`` and ``mask_decoder``).
@@ -133,6 +179,9 @@ def simulate_interaction(
         gt_boxes: N×4 XYXY input-frame pixels, or None to use the masks' tight boxes.
         cfg: prompt settings.
         generator: on ``gt_masks.device``; seeds the plan, points and box noise.
+        checkpoint_rounds: recompute each round's decoder activations in backward.
+        valid_hw: N×2 int ``(h, w)`` unpadded image size of each mask (the engine's
+            ``Batch.input_sizes[image_index]``); None treats the whole frame as image.
 
     Returns:
         ``cfg.num_rounds`` RoundOutputs, in order.
@@ -141,7 +190,10 @@ def simulate_interaction(
     with torch.no_grad():
         boxes = boxes_from_masks(gt_masks) if gt_boxes is None else gt_boxes
         plan = sample_round_plan(cfg, generator)
-        coords, labels = sample_initial_prompts(gt_masks, boxes, cfg, generator)
+        coords, labels = sample_initial_prompts(gt_masks, boxes, cfg, generator, valid_hw)
+        region = None if valid_hw is None else image_region(valid_hw.to(gt_masks.device), size)
+        is_box = labels[:, 0] == LABEL_BOX_TOP_LEFT
+        num_box = int(is_box.sum())  # the step's one host sync here; rounds then need none
     # One image: let the decoder broadcast the 1×C×h×w embedding instead of gathering.
     if image_embeddings.shape[0] == 1:
         embeddings = image_embeddings
@@ -154,10 +206,10 @@ def simulate_interaction(
         if round_idx > 0 and adds_point:
             with torch.no_grad():
                 pred = predicted_masks(mask_input, size)
-                new_coords, new_labels = sample_correction_points(pred, gt_masks, cfg, generator)
+                new_coords, new_labels = sample_correction_points(pred, gt_masks, cfg, generator, region)
             coords = torch.cat([coords, new_coords], dim=1)
             labels = torch.cat([labels, new_labels], dim=1)
-        multimask = use_multimask(num_prompts)
+        multimask, rows = _round_multimask(num_prompts, is_box, num_box, cfg)
         if checkpoint_rounds and torch.is_grad_enabled():
             low_res, iou_pred = checkpoint(
                 _decode_round, sam, embeddings, image_pe, coords, labels, mask_input, multimask,
@@ -167,8 +219,7 @@ def simulate_interaction(
             low_res, iou_pred = _decode_round(
                 sam, embeddings, image_pe, coords, labels, mask_input, multimask
             )
-        outputs.append(
-            RoundOutput(low_res, iou_pred, multimask, coords, labels, mask_input, coords.shape[1])
-        )
+        outputs.append(RoundOutput(low_res, iou_pred, low_res.shape[1] > 1, coords, labels,
+                                   mask_input, coords.shape[1], rows))
         mask_input = select_feedback_mask(low_res, iou_pred)
     return outputs

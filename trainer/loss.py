@@ -7,6 +7,13 @@ mask loss and for the IoU head (SAM2's ``supervise_all_iou=False``, "consistent 
 SAM"). Losses are summed over masks and rounds and divided by the number of valid masks
 (averaged across ranks, see ``num_masks_across_ranks``).
 
+Padding is not image: given each mask's unpadded size (``valid_hw``, N×2 ``(h, w)`` from
+``Batch.input_sizes``), focal and dice are averaged over the image pixels only and the
+IoU target counts only them, so what the model predicts in the zero padding (33% of the
+frame for a 3:2 photo) neither dilutes nor changes the loss and gets no gradient. Our
+choice; the paper is silent (SAM_RECIPE.md §1 "Losses"). The official
+``postprocess_masks`` likewise crops the padding before masks are used.
+
 Each term is its own function returning per-output values N×K; ``sam_loss`` combines
 them into named parts.
 """
@@ -19,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from trainer.prompts import image_region
 
 LOSS_RESOLUTIONS = ("gt", "low_res")
 
@@ -60,13 +69,18 @@ class LossConfig:
 
 
 def focal_loss(
-    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sigmoid focal loss, mean over pixels (SAM2 ``sigmoid_focal_loss``).
+    """Sigmoid focal loss, mean over the pixels of ``region`` (SAM2 ``sigmoid_focal_loss``).
 
     Args:
         logits: N×K×H×W float mask logits.
         targets: N×H×W (broadcast over K) or N×K×H×W, values in {0, 1}.
+        region: N×H×W bool pixels that count (the unpadded image); None = all.
 
     Returns:
         N×K float.
@@ -78,63 +92,91 @@ def focal_loss(
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.flatten(2).mean(-1)
+    if region is None:
+        return loss.flatten(2).mean(-1)
+    # where (not multiply): a non-finite logit in the padding must not leak in as 0·inf.
+    inside = torch.where(region.unsqueeze(1), loss, 0.0).flatten(2).sum(-1)
+    return inside / _region_count(region).clamp(min=1.0)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, region: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft dice ``1 - (2·inter + 1) / (sum + 1)`` on sigmoid probabilities (SAM2).
 
     Args:
         logits: N×K×H×W float.
         targets: N×H×W or N×K×H×W in {0, 1}.
+        region: N×H×W bool pixels that count (the unpadded image); None = all.
 
     Returns:
         N×K float.
     """
     targets = _broadcast_targets(targets, logits)
-    prob = logits.sigmoid().flatten(2)
+    prob = logits.sigmoid()
+    if region is not None:
+        prob = torch.where(region.unsqueeze(1), prob, 0.0)
+        targets = torch.where(region.unsqueeze(1), targets, 0.0)
+    prob = prob.flatten(2)
     targets = targets.flatten(2)
     inter = (prob * targets).sum(-1)
     total = prob.sum(-1) + targets.sum(-1)
     return 1 - (2 * inter + 1) / (total + 1)
 
 
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """IoU of the binarized prediction (logits > 0) with GT; no gradient.
+def mask_iou(
+    logits: torch.Tensor, targets: torch.Tensor, region: torch.Tensor | None = None
+) -> torch.Tensor:
+    """IoU of the binarized prediction (logits > 0) with GT inside ``region``; no gradient.
 
     Two empty masks have IoU 0 (union clamped to 1, as SAM2).
 
     Args:
         logits: N×K×H×W float; targets: N×H×W or N×K×H×W in {0, 1}.
+        region: N×H×W bool pixels that count (the unpadded image); None = all.
 
     Returns:
         N×K float.
     """
     targets = _broadcast_targets(targets, logits)
-    pred = (logits.detach() > 0).flatten(2)
-    gt = (targets > 0.5).flatten(2)
+    pred = logits.detach() > 0
+    gt = targets > 0.5
+    if region is not None:
+        pred, gt = pred & region.unsqueeze(1), gt & region.unsqueeze(1)
+    pred, gt = pred.flatten(2), gt.flatten(2)
     inter = (pred & gt).sum(-1).float()
     union = (pred | gt).sum(-1).float()
     return inter / union.clamp(min=1.0)
 
 
-def iou_loss(iou_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def iou_loss(
+    iou_pred: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    region: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE between the IoU head and the actual IoU (target detached), SAM_RECIPE.md §1.
 
     Args:
         iou_pred: N×K float IoU head output (no sigmoid, as in SAM).
         logits: N×K×H×W; targets: N×H×W or N×K×H×W.
+        region: N×H×W bool pixels the IoU target counts; None = all.
 
     Returns:
         N×K float.
     """
-    return (iou_pred - mask_iou(logits, targets)) ** 2
+    return (iou_pred - mask_iou(logits, targets, region)) ** 2
 
 
 def _broadcast_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     if targets.dim() == 3:
         targets = targets.unsqueeze(1)
     return targets.to(logits.dtype).expand_as(logits)
+
+
+def _region_count(region: torch.Tensor) -> torch.Tensor:
+    """N×H×W bool -> N×1 float pixel count (broadcasts over the K outputs)."""
+    return region.flatten(1).sum(-1, keepdim=True).float()
 
 
 def match_resolution(
@@ -161,12 +203,30 @@ def match_resolution(
     return logits, (gt >= 0.5).to(logits.dtype)
 
 
+def match_region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The image region at the resolution of ``logits`` (after ``match_resolution``).
+
+    Args:
+        region: N×H×W bool unpadded-image pixels in the input frame.
+        logits: N×K×R×R' logits.
+
+    Returns:
+        N×R×R' bool; area-downsampled and kept where at least half a cell is image
+        (the same rule as the GT under ``resolution="low_res"``).
+    """
+    if region.shape[-2:] == logits.shape[-2:]:
+        return region
+    small = F.interpolate(region.unsqueeze(1).float(), size=logits.shape[-2:], mode="area")
+    return small.squeeze(1) >= 0.5
+
+
 def round_loss(
     low_res_masks: torch.Tensor,
     iou_pred: torch.Tensor,
     gt_masks: torch.Tensor,
     valid: torch.Tensor,
     cfg: LossConfig,
+    region: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-mask losses of one round, min-over-outputs when K > 1, padding zeroed.
 
@@ -176,15 +236,19 @@ def round_loss(
         gt_masks: N×H×W GT in the input frame.
         valid: N bool; False rows (padding masks) contribute 0 and get zero gradient.
         cfg: loss settings.
+        region: N×H×W bool unpadded-image pixels (``image_region``); the loss ignores
+            the rest of the frame. None = the whole frame.
 
     Returns:
         dict ``loss_focal``, ``loss_dice``, ``loss_iou``: each N float (unweighted),
         and ``best`` N int64, the supervised output index.
     """
     logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
-    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma)
-    dice = dice_loss(logits, targets)
-    iou = iou_loss(iou_pred, logits, targets)
+    if region is not None:
+        region = match_region(region, logits)
+    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, region)
+    dice = dice_loss(logits, targets, region)
+    iou = iou_loss(iou_pred, logits, targets, region)
     # argmin of the weighted mask loss picks the output to supervise; the others get
     # no gradient because they are not selected by the gather.
     combo = cfg.weight_focal * focal + cfg.weight_dice * dice
@@ -206,6 +270,7 @@ def sam_loss(
     valid: torch.Tensor,
     num_masks: torch.Tensor | float,
     cfg: LossConfig,
+    valid_hw: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total loss over all interactive rounds (summed, SAM2's choice; paper silent).
 
@@ -216,6 +281,9 @@ def sam_loss(
         num_masks: normaliser, the valid-mask count averaged across ranks
             (``num_masks_across_ranks``); clamped to >= 1.
         cfg: loss settings.
+        valid_hw: N×2 int ``(h, w)``, the unpadded image size of each mask's image
+            (``Batch.input_sizes[image_index]``): losses and IoU targets cover only
+            those pixels. None = the whole frame.
 
     Returns:
         dict of scalars: ``loss_focal``, ``loss_dice``, ``loss_iou`` (unweighted, each
@@ -225,9 +293,10 @@ def sam_loss(
     if len(rounds) == 0:
         raise ValueError("sam_loss needs at least one round")
     valid = valid.to(torch.bool)
+    region = None if valid_hw is None else image_region(valid_hw.to(gt_masks.device), gt_masks.shape[-2:])
     totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
     for low_res_masks, iou_pred in rounds:
-        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg)
+        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region)
         totals = {key: value + parts[key].sum() for key, value in totals.items()}
     if isinstance(num_masks, torch.Tensor):
         denom = num_masks.to(gt_masks.device, torch.float32).clamp(min=1.0)

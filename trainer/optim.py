@@ -5,13 +5,26 @@ Parameter groups are keyed by (lr_scale, weight_decay):
 - lr_scale: ViTDet's layer-wise decay on the image encoder (SAM_RECIPE.md §5):
   ``patch_embed`` / ``pos_embed`` are layer 0 → ld^(L+1); ``blocks.i`` is layer i+1 →
   ld^(L−i); everything else (neck, prompt encoder, mask decoder) is layer L+1 → 1.0.
-- weight_decay: 0.1 (paper), except 0 for every 1-D parameter (biases, LayerNorm /
-  LayerNorm2d weights), ``pos_embed``, ``rel_pos_h/w`` (ViTDet's exclusions) and the
-  prompt encoder's / decoder's learned embeddings and tokens (``point_embeddings``,
-  ``not_a_point_embed``, ``no_mask_embed``, ``iou_token``, ``mask_tokens``). The paper
-  lists no exclusions; we treat those embeddings like ViT's ``cls_token`` / position
-  embeddings (MAE, timm): they are lookup vectors, not weights of a linear map, and
-  decaying them only pulls prompts toward zero. Configurable via ``no_decay_patterns``.
+- weight_decay: 0.1 (paper). The paper lists no exclusions (SAM_RECIPE.md §1, table
+  "weight decay"; "Discrepancies" 6), so every exclusion below is a choice, each with
+  its source in :data:`NO_DECAY_SOURCES`:
+
+  - ViTDet (detectron2 ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py``:
+    ``overrides={"pos_embed": {"weight_decay": 0.0}}`` with ``configs/common/optim.py``'s
+    ``weight_decay_norm=0.0``) excludes only ``pos_embed`` and norm weights/biases; it
+    decays every other bias and the ``rel_pos_h/w`` tables (its ViT-H LVIS config
+    excludes nothing).
+  - Every 1-D parameter (all biases as well as norms): MAE fine-tuning / timm
+    (``param_groups_lrd``: ``ndim == 1``) and SAM 2 (``*bias*`` and LayerNorm) do this;
+    ViTDet does not for non-norm biases.
+  - Ours: ``rel_pos_h/w`` (position tables like ``pos_embed``) and the prompt encoder's /
+    decoder's learned embeddings and tokens (``point_embeddings``, ``not_a_point_embed``,
+    ``no_mask_embed``, ``iou_token``, ``mask_tokens``), treated like ViT's ``cls_token``
+    (excluded by MAE/timm): lookup vectors, not weights of a linear map; decaying them
+    only pulls prompts toward zero.
+
+  Configurable via ``no_decay_patterns`` (``--set optim.no_decay_patterns=*pos_embed``
+  gives ViTDet's rule except for the non-norm biases).
 
 Names may carry wrapper prefixes (DDP ``module.``, ``torch.compile`` ``_orig_mod.``);
 they are stripped before matching.
@@ -31,6 +44,19 @@ from torch import nn
 from trainer.model.checkpoint_io import strip_wrapper_prefix
 _BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
 
+#: Where each default no-decay pattern comes from (1-D parameters are excluded by rule:
+#: MAE/timm and SAM 2; ViTDet excludes only the norms among them). See the module docstring.
+NO_DECAY_SOURCES: dict[str, str] = {
+    "*pos_embed": "ViTDet (detectron2 ViTDet configs), MAE/timm",
+    "*rel_pos_h": "ours (a position table like pos_embed; ViTDet decays it)",
+    "*rel_pos_w": "ours (a position table like pos_embed; ViTDet decays it)",
+    "*point_embeddings.*": "ours (prompt lookup vector, like a cls_token in MAE/timm)",
+    "*not_a_point_embed.*": "ours (prompt lookup vector, like a cls_token in MAE/timm)",
+    "*no_mask_embed.*": "ours (prompt lookup vector, like a cls_token in MAE/timm)",
+    "*iou_token.*": "ours (output token, like a cls_token in MAE/timm)",
+    "*mask_tokens.*": "ours (output tokens, like a cls_token in MAE/timm)",
+}
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -49,7 +75,8 @@ class OptimConfig:
             (strictly increasing, <= max_iters). Paper ViT-H: (60,000, 86,666).
         decay_gamma: step decay factor. Paper: 0.1.
         no_decay_patterns: fnmatch patterns (on names without wrapper prefixes) of
-            parameters without weight decay, in addition to all 1-D parameters.
+            parameters without weight decay, in addition to all 1-D parameters. Paper
+            silent; the defaults' sources are in ``NO_DECAY_SOURCES``.
     """
 
     lr: float = 8e-4
@@ -62,18 +89,7 @@ class OptimConfig:
     max_iters: int = 90_000
     milestones: tuple[int, ...] = (60_000, 86_666)
     decay_gamma: float = 0.1
-    no_decay_patterns: tuple[str, ...] = field(
-        default=(
-            "*pos_embed",
-            "*rel_pos_h",
-            "*rel_pos_w",
-            "*point_embeddings.*",
-            "*not_a_point_embed.*",
-            "*no_mask_embed.*",
-            "*iou_token.*",
-            "*mask_tokens.*",
-        )
-    )
+    no_decay_patterns: tuple[str, ...] = field(default=tuple(NO_DECAY_SOURCES))
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -3,7 +3,9 @@
 The machinery (TOML, ``--set`` overrides, validation) is in ``trainer.config``; each
 section's fields are documented in its own module. The paper presets carry the values of
 SAM_RECIPE.md §1 through the sections' defaults (data: 1 image and up to 64 masks per GPU,
-no augmentation; prompts: 11 rounds; loss 20:1:1) and ``trainer.optim.OPTIM_PRESETS``.
+no augmentation; prompts: 11 rounds; loss 20:1:1) and ``trainer.optim.OPTIM_PRESETS``;
+they require an explicit image-encoder initialisation and do not clip gradients (see
+:func:`paper`).
 """
 
 from __future__ import annotations
@@ -49,9 +51,17 @@ class Config:
         """Cross-section checks (run by the loader after every section validated itself)."""
         from trainer.model.build import VARIANTS
 
+        from trainer.model.build import REQUIRED_ENCODER_INIT, encoder_init_required_message
+
+        # Every missing required setting in one message, so a user fixes them in one go.
+        missing = []
         if self.data.shards == REQUIRED_SHARDS:
-            raise ValueError("data.shards: required (a glob, .txt list or comma list of "
-                             "shard URLs), e.g. --set data.shards=gs://bucket/sa1b/sa_*.tar")
+            missing.append("data.shards: required (a glob, .txt list or comma list of "
+                           "shard URLs), e.g. --set data.shards=gs://bucket/sa1b/sa_*.tar")
+        if self.model.encoder_init == REQUIRED_ENCODER_INIT:
+            missing.append(encoder_init_required_message())
+        if missing:
+            raise ValueError("; and ".join(missing))
         size = VARIANTS[self.model.variant].img_size
         if self.data.img_size != size:
             raise ValueError(f"data.img_size: {self.data.img_size} does not match model.variant "
@@ -83,16 +93,25 @@ def tiny_cpu() -> Config:
 def paper(variant: str) -> Config:
     """The paper's recipe for ``variant`` (vit_b, vit_l, vit_h): sizes, optimizer, data.
 
+    ``model.encoder_init`` has no default (the paper initialises the encoder from MAE,
+    SAM_RECIPE.md §1 "init", and we cannot ship that checkpoint): loading the preset
+    without choosing mae / sam / random is a config error (see ``ModelConfig``).
+    ``train.grad_clip`` is 0: the paper states no gradient clipping (SAM_RECIPE.md §1
+    "mixed precision, grad clipping, EMA: unstated"; "Discrepancies" 6); SAM 2's clip at
+    0.1 is another recipe. Clipping stays available as ``--set train.grad_clip=...``.
+
     ViT-L and ViT-H recompute activations in backward (``model.activation_checkpointing``)
     so a 1024² image with 64 masks × 11 rounds fits an 80 GiB A100/H100: measured on an
     H200, ViT-H peaks at 85 GiB without it and 35 GiB with it (step 2.5 s -> 3.7 s);
     ViT-B peaks at 72 GiB without it. Turn it off on larger cards for speed.
     """
-    from trainer.model.build import ModelConfig
+    from trainer.model.build import REQUIRED_ENCODER_INIT, ModelConfig
     from trainer.optim import optim_preset
 
-    model = ModelConfig(variant=variant, activation_checkpointing=variant != "vit_b")
-    return Config(model=model, optim=optim_preset(variant), train=TrainConfig(run_dir=f"runs/{variant}"))
+    model = ModelConfig(variant=variant, encoder_init=REQUIRED_ENCODER_INIT,
+                        activation_checkpointing=variant != "vit_b")
+    return Config(model=model, optim=optim_preset(variant),
+                  train=TrainConfig(run_dir=f"runs/{variant}", grad_clip=0.0))
 
 
 PRESETS: dict[str, Callable[[], Config]] = {

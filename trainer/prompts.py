@@ -10,6 +10,13 @@ Coordinate frame: every coordinate is ``(x, y)`` in pixels of the S×S model inp
 integer pixel indices stored as float; the prompt encoder adds 0.5 to hit the pixel
 centre, exactly as the official ``PromptEncoder`` does for user clicks.
 
+Valid region: an image is zero-padded to S×S (33% padding for a 3:2 SA-1B photo), and
+no user clicks on padding. Given each mask's unpadded size ``valid_hw`` (N×2 ``(h, w)``,
+``Batch.input_sizes`` of its image), correction points and background points are
+sampled only inside ``[0, w) × [0, h)`` and noisy boxes are clamped to it (our choice;
+the paper is silent, SAM_RECIPE.md §1 "Interactive simulation"). ``valid_hw=None`` keeps
+the whole frame.
+
 Labels follow the prompt encoder: 1 positive point, 0 negative point, -1 padding,
 2 / 3 box top-left / bottom-right corner. A box is therefore two "points", and a
 point-prompted round-1 row is ``[pt(1), pad(-1)]`` so that point and box rows have the
@@ -48,10 +55,17 @@ class PromptConfig:
             among the correction rounds (see ``sample_round_plan``).
         empty_error_policy: what a correction round does for a mask whose prediction
             is perfect (empty error region); paper silent. ``"background"`` (default,
-            SAM2's choice): a negative point sampled uniformly from the background,
-            which keeps every row's prompt count equal to the plan's, so the
-            multimask decision stays one flag per round. ``"pad"``: a padding point
+            SAM2's choice): a negative point sampled uniformly from the background
+            (inside the image when the valid region is known), which keeps every
+            row's prompt count equal to the one the multimask rule assumes
+            (``prompts_per_row``). ``"pad"``: a padding point
             (label -1) that the prompt encoder ignores.
+        box_multimask: whether a round-1 box alone gets the 3 multimask outputs.
+            ``False`` (default): SAM 2's rule, a box is two corner prompts, so it gets
+            the single-mask output (token 0), as the official predictor is commonly
+            called with ``box=..., multimask_output=False``. ``True``: a box counts as
+            one prompt like a single point. The paper does not say (SAM_RECIPE.md §1
+            "Single vs multi-mask"; §3 "Prompts": S2 encodes a box as 2 points).
     """
 
     prob_box: float = 0.5
@@ -60,6 +74,7 @@ class PromptConfig:
     num_correction_points: int = 8
     num_no_point_rounds: int = 2
     empty_error_policy: str = "background"
+    box_multimask: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob_box <= 1.0:
@@ -93,6 +108,24 @@ class PromptConfig:
     def num_rounds(self) -> int:
         """Total rounds: 1 initial + corrections + no-point rounds (paper: 11)."""
         return 1 + self.num_correction_points + self.num_no_point_rounds
+
+
+def image_region(valid_hw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The unpadded image pixels of each mask's input frame.
+
+    Args:
+        valid_hw: N×2 int ``(h, w)``, the image size after resize and before padding.
+        size: (H, W) of the (padded) frame.
+
+    Returns:
+        N×H×W bool, True at ``y < h`` and ``x < w`` (images are padded bottom/right).
+    """
+    h, w = size
+    ys = torch.arange(h, device=valid_hw.device)
+    xs = torch.arange(w, device=valid_hw.device)
+    rows = ys.view(1, h) < valid_hw[:, 0:1]  # N×H
+    cols = xs.view(1, w) < valid_hw[:, 1:2]  # N×W
+    return rows.unsqueeze(2) & cols.unsqueeze(1)
 
 
 def sample_points_in_region(
@@ -156,33 +189,37 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 def noisy_boxes(
     boxes: torch.Tensor,
-    image_hw: tuple[int, int],
+    image_hw: tuple[int, int] | torch.Tensor,
     cfg: PromptConfig,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Jitter boxes with Gaussian noise (SAM_RECIPE.md §1: std 10% of the side, ≤20 px).
 
     SAM's noise is Gaussian; SAM2's uniform ±bound is a different choice (recipe
-    "Discrepancies" 7). Coordinates are clamped to the padded input frame
-    ``[0, W] × [0, H]`` (the unpadded image size is not known here; the paper is silent).
-    Corners are not re-sorted: a flipped box is rare at these noise levels and still a
-    valid, if odd, prompt.
+    "Discrepancies" 7). Coordinates are clamped to the image, ``[0, w] × [0, h]``: the
+    unpadded size per row when given, so a box never reaches into the padding (the
+    paper is silent). Corners are not re-sorted: a flipped box is rare at these noise
+    levels and still a valid, if odd, prompt.
 
     Args:
         boxes: N×4 float XYXY pixels in the input frame.
-        image_hw: (H, W) of the input frame.
+        image_hw: (H, W) of the input frame, or N×2 ``(h, w)`` per row (``valid_hw``).
 
     Returns:
         N×4 float XYXY.
     """
-    h, w = image_hw
+    if isinstance(image_hw, torch.Tensor):
+        hw = image_hw.to(device=boxes.device, dtype=boxes.dtype)
+        upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1)  # N×4
+    else:
+        h, w = image_hw
+        upper = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
     width = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
     height = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
     side = torch.stack([width, height, width, height], dim=1)
     std = (side * cfg.box_noise_frac).clamp(max=cfg.box_noise_max_px)
     noise = torch.randn(boxes.shape, generator=generator, device=boxes.device) * std
     noisy = boxes + noise
-    upper = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
     return torch.minimum(noisy.clamp(min=0), upper)
 
 
@@ -191,6 +228,7 @@ def sample_initial_prompts(
     gt_boxes: torch.Tensor,
     cfg: PromptConfig,
     generator: torch.Generator,
+    valid_hw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-1 prompt per mask: a noisy box with ``prob_box``, else one positive point.
 
@@ -202,6 +240,7 @@ def sample_initial_prompts(
         gt_masks: N×H×W bool, in the input frame.
         gt_boxes: N×4 float XYXY pixels, in the input frame.
         generator: on ``gt_masks.device``.
+        valid_hw: N×2 ``(h, w)`` unpadded size per mask; boxes are clamped to it.
 
     Returns:
         coords: N×2×2 float ``(x, y)`` pixels; labels: N×2 int64.
@@ -212,7 +251,8 @@ def sample_initial_prompts(
     # random stream does not depend on the branch outcome.
     use_box = torch.rand(n, generator=generator, device=device) < cfg.prob_box
     point, exists = sample_points_in_region(gt_masks, generator)
-    box = noisy_boxes(gt_boxes.to(device=device, dtype=torch.float32), (h, w), cfg, generator)
+    bounds = (h, w) if valid_hw is None else valid_hw
+    box = noisy_boxes(gt_boxes.to(device=device, dtype=torch.float32), bounds, cfg, generator)
 
     point_coords = torch.stack([point, torch.zeros_like(point)], dim=1)
     box_coords = box.view(n, 2, 2)
@@ -230,10 +270,12 @@ def sample_correction_points(
     gt_masks: torch.Tensor,
     cfg: PromptConfig,
     generator: torch.Generator,
+    region: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One correction click per mask, uniform over the error region (SAM_RECIPE.md §1).
 
-    The error region is FN ∪ FP. A point in a false negative (GT=1) is positive, one in a
+    The error region is (FN ∪ FP) ∩ ``region``: a prediction spilling into the padding is
+    not an error a user can click on (see the module docstring). A point in a false negative (GT=1) is positive, one in a
     false positive (GT=0) is negative, so the label is simply GT at the point. Where the
     error region is empty, ``cfg.empty_error_policy`` decides: ``"background"`` samples
     a negative point from GT's background (padding if GT covers the whole frame);
@@ -243,18 +285,22 @@ def sample_correction_points(
         pred_masks: N×H×W bool, the previous prediction at input resolution.
         gt_masks: N×H×W bool.
         generator: on the masks' device.
+        region: N×H×W bool clickable pixels (``image_region``), or None for the frame.
 
     Returns:
         coords: N×1×2 float ``(x, y)`` pixels; labels: N×1 int64.
     """
     error = pred_masks ^ gt_masks
+    background = ~gt_masks
+    if region is not None:
+        error, background = error & region, background & region
     has_error = error.flatten(1).any(dim=1)
     if cfg.empty_error_policy == "background":
         # One sampler call: rows without error sample from the background instead.
-        region = torch.where(has_error.view(-1, 1, 1), error, ~gt_masks)
+        candidates = torch.where(has_error.view(-1, 1, 1), error, background)
     else:
-        region = error
-    point, exists = sample_points_in_region(region, generator)
+        candidates = error
+    point, exists = sample_points_in_region(candidates, generator)
     x = point[:, 0].long()
     y = point[:, 1].long()
     rows = torch.arange(gt_masks.shape[0], device=gt_masks.device)
@@ -274,7 +320,8 @@ def sample_round_plan(cfg: PromptConfig, generator: torch.Generator) -> list[boo
     can sit right after round 1, where the fed-back mask is the only new input).
 
     One plan is shared by all masks of a step: every row must have the same token
-    count and the same multimask flag to go through one decoder call. Draw it from a
+    count to go through one decoder call (the multimask choice may differ per row, see
+    ``trainer.interactive``). Draw it from a
     generator seeded identically on all ranks if ranks should share it (not required).
 
     Returns:
@@ -295,7 +342,10 @@ def sample_round_plan(cfg: PromptConfig, generator: torch.Generator) -> list[boo
 
 
 def num_prompts_per_round(plan: list[bool]) -> list[int]:
-    """Prompt count seen by the decoder in each round. A box counts as one prompt."""
+    """Prompts added up to each round, the round-1 point or box counting once.
+
+    ``prompts_per_row`` turns this into each row's count under the box rule.
+    """
     counts, total = [], 0
     for adds in plan:
         total += int(adds)
@@ -303,12 +353,26 @@ def num_prompts_per_round(plan: list[bool]) -> list[int]:
     return counts
 
 
-def use_multimask(num_prompts: int) -> bool:
+def prompts_per_row(num_prompts: int, is_box: torch.Tensor, cfg: PromptConfig) -> torch.Tensor:
+    """Each row's prompt count in a round: a box is two prompts unless ``cfg.box_multimask``.
+
+    Args:
+        num_prompts: the round's count from ``num_prompts_per_round``.
+        is_box: N bool, rows whose round-1 prompt is a box.
+
+    Returns:
+        N int64.
+    """
+    extra = 0 if cfg.box_multimask else 1
+    return num_prompts + extra * is_box.to(torch.int64)
+
+
+def use_multimask(num_prompts: int | torch.Tensor) -> bool | torch.Tensor:
     """Three masks for a single prompt, the single-mask token otherwise (SAM_RECIPE.md §1).
 
-    A box counts as ONE prompt, following the paper's "single prompt" wording (SAM2
-    encodes a box as two points and outputs one mask; the paper does not say). A
-    no-point feedback round right after round 1 still has one prompt, so it stays
+    Works on one count or on the N per-row counts of ``prompts_per_row``. With the
+    default box rule a box is two prompts (SAM 2), so only a lone point gets 3 outputs;
+    a no-point feedback round right after a point still has one prompt and stays
     multimask.
     """
     return num_prompts == 1

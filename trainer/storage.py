@@ -19,6 +19,7 @@ later with 401/403). The mode comes from the environment variable ``SAM_GCS_TOKE
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -44,7 +45,15 @@ def protocol_of(url: str) -> str:
 
 
 def _gcs_token() -> str:
+    # Keyed by everything the lookup reads from the environment, so a changed setting is
+    # seen, while 1000 shard opens per epoch still cost one credential lookup per process.
     token = os.environ.get(GCS_TOKEN_ENV, "google_default").strip() or "google_default"
+    return _resolve_gcs_token(token, os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
+                              os.environ.get("CLOUDSDK_CONFIG"))
+
+
+@functools.lru_cache(maxsize=8)  # failures raise, so only working settings are cached
+def _resolve_gcs_token(token: str, adc_file: str | None, gcloud_config: str | None) -> str:
     if token == "anon":
         return token
     if token == "google_default":
@@ -80,6 +89,20 @@ def storage_options(url: str) -> dict[str, Any]:
     if protocol_of(url) in _GCS_PROTOCOLS:
         return {"token": _gcs_token()}
     return {}
+
+
+def check_protocol(url: str) -> dict[str, Any]:
+    """Check that ``url``'s protocol is known and installed and that its credentials
+    resolve; return its fsspec options. Raises :class:`StorageError` saying what to fix."""
+    protocol = protocol_of(url)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError as err:
+        raise StorageError(f"unknown protocol {protocol!r} in {url!r}; use a path, file://, "
+                           "gs://, s3://, memory:// or another fsspec protocol") from err
+    except ImportError as err:
+        raise StorageError(f"protocol {protocol!r} of {url!r} needs a package: {err}") from err
+    return storage_options(url)
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from trainer.data import PIXEL_MEAN, PIXEL_STD, Batch  # noqa: E402
-from trainer.evaluate import eval_prompts  # noqa: E402
+from trainer.evaluate import box_logits, metric_keys, run_clicks  # noqa: E402
+from trainer.prompts import boxes_from_masks  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -28,7 +29,7 @@ def plot_loss_curve(records: list[dict], out: str | Path, before: dict[str, floa
     """Total and per-term training loss against step, plus eval mIoU where recorded
     (``before``: mIoU of the untrained model, drawn at step 0)."""
     train = [r for r in records if "loss/total" in r]
-    evals = [r for r in records if "eval/point_conf" in r]
+    evals = [r for r in records if "eval/point1_conf" in r]
     if before:
         evals = [{"step": 0, **{f"eval/{k}": v for k, v in before.items()}}] + evals
     fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
@@ -39,8 +40,9 @@ def plot_loss_curve(records: list[dict], out: str | Path, before: dict[str, floa
     ax[0, 0].set(xlabel="step", ylabel="loss (sum over rounds, per mask)", title="training loss", yscale="log")
     ax[0, 0].legend()
     if evals:
-        for key in ("point_conf", "point_oracle", "box_conf", "box_oracle"):
-            ax[0, 1].plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], marker="o", label=key)
+        for key in metric_keys():
+            if all(f"eval/{key}" in r for r in evals):
+                ax[0, 1].plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], marker="o", label=key)
         ax[0, 1].set(xlabel="step", ylabel="mIoU", title="held-out mIoU", ylim=(0, 1))
         ax[0, 1].legend()
     fig.tight_layout()
@@ -66,44 +68,60 @@ def _overlay(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], ou
     return cv2.drawContours(np.ascontiguousarray(out), contours, -1, (255, 255, 255), 1)
 
 
+def _largest_mask(batch: Batch, i: int) -> int:
+    """Index of image ``i``'s largest valid mask."""
+    areas = batch.masks[i].flatten(1).sum(1) * batch.valid[i]
+    return int(areas.argmax())
+
+
+def _show(ax: plt.Axes, rgb: np.ndarray, logits: torch.Tensor, target: np.ndarray, size: tuple[int, int],
+          title: str) -> None:
+    """Draw the ``1×1×4h×4w`` logits' mask (red) over ``rgb`` with the GT outline, titled with its IoU."""
+    h, w = target.shape
+    up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    pred = (up[0, 0, :h, :w] > 0).cpu().numpy()
+    score = (pred & target).sum() / max((pred | target).sum(), 1)
+    ax.imshow(_overlay(rgb, pred, (255, 40, 40), target))
+    ax.set_title(f"{title}: IoU {score:.2f}", fontsize=9)
+
+
 @torch.no_grad()
-def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path, num_images: int = 4) -> Path:
-    """Rows of held-out images: GT mask | prediction (red) from its center point (star) |
-    from its box (yellow), each with the GT outline in white."""
+def prediction_grid(sam: torch.nn.Module, batches: list[Batch], out: str | Path, num_images: int = 4,
+                    num_points: int = 5) -> Path:
+    """One row per image (the first ``num_images`` of ``batches`` with a mask), for its
+    largest GT mask: GT | most confident of 3 from its center point (star) | single
+    output after ``num_points`` clicks (green +, red x; the eval protocol of
+    ``trainer.evaluate``) | single output from its box (yellow). GT outline in white.
+    Titles show the IoU inside the unpadded image, as ``trainer.evaluate`` scores it."""
     sam.eval()
-    rows = []
-    for batch in batches:
-        for i in range(batch.images.shape[0]):
-            if len(rows) < num_images and batch.valid[i].any():
-                rows.append((batch, i))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    rows = [(b, i) for b in batches for i in range(b.images.shape[0]) if b.valid[i].any()][:num_images]
+    if not rows:
+        raise ValueError("prediction_grid: no image with a valid mask in the given batches")
+    cols = 4 if num_points > 1 else 3
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
     device = next(sam.parameters()).device
     for r, (batch, i) in enumerate(rows):
         hw = (int(batch.input_sizes[i, 0]), int(batch.input_sizes[i, 1]))
-        areas = batch.masks[i].flatten(1).sum(1) * batch.valid[i]
-        gt = batch.masks[i, int(areas.argmax())][None].to(device)  # the largest mask
+        gt = batch.masks[i, _largest_mask(batch, i)][None].to(device)
+        size = tuple(gt.shape[-2:])
         emb = sam.image_encoder(batch.images[i][None].to(device))
-        pe = sam.prompt_encoder.get_dense_pe()
-        prompts = eval_prompts(gt)
         rgb = _rgb(batch.images[i], hw)
         target = gt[0, : hw[0], : hw[1]].cpu().numpy()
         axes[r, 0].imshow(_overlay(rgb, target, (0, 120, 255), target))
-        axes[r, 0].set_title("ground truth (blue, white outline)")
-        for c, (kind, prompt) in enumerate(prompts.items(), start=1):
-            sparse, dense = sam.prompt_encoder(masks=None, **prompt)
-            logits, iou = sam.mask_decoder(emb, pe, sparse, dense, multimask_output=True)
-            best = int(iou[0].argmax())
-            up = F.interpolate(logits[:, best : best + 1].float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
-            pred = (up[0, 0, : hw[0], : hw[1]] > 0).cpu().numpy()
-            score = (pred & target).sum() / max((pred | target).sum(), 1)
-            axes[r, c].imshow(_overlay(rgb, pred, (255, 40, 40), target))
-            if kind == "point":
-                x, y = prompt["points"][0][0, 0].tolist()
-                axes[r, c].plot(x, y, "y*", ms=12)
-            else:
-                x0, y0, x1, y1 = prompt["boxes"][0].tolist()
-                axes[r, c].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.5))
-            axes[r, c].set_title(f"{kind} prompt: IoU {score:.2f}")
+        axes[r, 0].set_title("ground truth (blue, white outline)", fontsize=9)
+        one = run_clicks(sam, emb, gt, hw, 1)
+        _show(axes[r, 1], rgb, one.logits, target, size, "1 point, most confident")
+        x, y = one.coords[0, 0].tolist()
+        axes[r, 1].plot(x, y, "y*", ms=12)
+        if num_points > 1:
+            many = run_clicks(sam, emb, gt, hw, num_points)
+            _show(axes[r, 2], rgb, many.logits, target, size, f"{num_points} points")
+            for (x, y), label in zip(many.coords[0].tolist(), many.labels[0].tolist()):
+                if label >= 0:
+                    axes[r, 2].plot(x, y, "g+" if label == 1 else "rx", ms=10, mew=2)
+        _show(axes[r, cols - 1], rgb, box_logits(sam, emb, gt), target, size, "box, single output")
+        x0, y0, x1, y1 = boxes_from_masks(gt)[0].tolist()
+        axes[r, cols - 1].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.5))
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()

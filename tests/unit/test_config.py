@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,28 @@ def test_impossible_values_name_the_key(tmp_path: Path) -> None:
         load_config(Root, "", ["optim.warmup=500"])  # root validate() hook
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "Infinity"])
+def test_nonfinite_floats_are_rejected_naming_the_key(text: str, tmp_path: Path) -> None:
+    # nan passes every `>= 0` / `> 0` check (all comparisons are False) and inf is "positive".
+    with pytest.raises(ConfigError, match=r"^optim\.lr: .*finite"):
+        load_config(Root, "", [f"optim.lr={text}"])
+    toml_value = {"nan": "nan", "inf": "inf", "-inf": "-inf", "NaN": "nan", "Infinity": "inf"}[text]
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number"):
+        load_config(Root, write(tmp_path, f"[optim]\nlr = {toml_value}\n"))
+
+
+def test_every_float_setting_of_the_real_presets_rejects_nan() -> None:
+    from trainer.presets import PRESETS as REAL, Config
+
+    floats = [k for k, kind in config_keys(REAL["tiny_cpu"]()).items() if "float" in str(kind)]
+    assert "optim.lr" in floats and "train.grad_clip" in floats
+    for key in floats:
+        kind = config_keys(REAL["tiny_cpu"]())[key]
+        value = "nan" if kind == "float" else ",".join(["nan"] * kind.count("float"))  # tuples of floats
+        with pytest.raises(ConfigError, match="^" + re.escape(key) + r"(\[0\])?: .*finite"):
+            load_config(Config, "tiny_cpu", [f"{key}={value}", "data.shards=x.tar"], REAL)
+
+
 def test_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config(Root, "huge", [], PRESETS)
@@ -226,7 +249,7 @@ def test_presets_resolve_and_round_trip(tmp_path: Path) -> None:
     from trainer.presets import PRESETS, Config
 
     for name in PRESETS:
-        cfg = load_config(Config, name, ["data.shards=gs://b/sa_*.tar"], PRESETS)
+        cfg = load_config(Config, name, ["data.shards=gs://b/sa_*.tar", "model.encoder_init=random"], PRESETS)
         assert cfg.model.variant == ("tiny" if name == "tiny_cpu" else name)
         assert load_config(Config, write(tmp_path, dump_toml(cfg)), [], PRESETS) == cfg
 

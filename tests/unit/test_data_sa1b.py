@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainer.data import DataConfig, build_loader, sa1b
-from trainer.data.sa1b import RawPair, Skip, iter_shard, iter_tar_members
+from trainer.config import ConfigError
+from trainer.data import DataConfig, NoUsableDataError, build_loader, sa1b
+from trainer.data.sa1b import SKIP_REASONS, RawPair, Skip, iter_shard, iter_tar_members
 from trainer.data.synth import synth_sample
 
 
@@ -77,6 +78,11 @@ def _bad_case(reason: str) -> list[tuple[str, bytes]]:
     return cases[reason]
 
 
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    assert set(counts) == set(SKIP_REASONS)  # every reason present, stable names
+    return {k: v for k, v in counts.items() if v}
+
+
 def _loader_cfg(shards: str, **kw: Any) -> DataConfig:
     base = {"shards": shards, "img_size": 16, "batch_size": 1, "num_workers": 0,
             "shuffle_shards": False, "retry_backoff_s": 0.0}
@@ -96,7 +102,7 @@ def test_bad_sample_is_skipped_and_counted(case: str, tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         batch = next(iter(loader))
     assert batch.image_ids == [1]
-    assert loader.skip_counts() == {reason: 1}
+    assert _nonzero(loader.skip_counts()) == {reason: 1}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and reason in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
@@ -123,7 +129,7 @@ def test_broken_archive_keeps_earlier_pairs_and_next_shard(reason: str, tmp_path
     (tmp_path / "b.tar").write_bytes(_tar(_pair(3)))
     loader = build_loader(_loader_cfg(f"{tmp_path}/a.tar,{tmp_path}/b.tar", batch_size=2), 0, 1)
     assert next(iter(loader)).image_ids == [1, 3]
-    assert loader.skip_counts() == {reason: 1}
+    assert _nonzero(loader.skip_counts()) == {reason: 1}
 
 
 def test_archive_without_end_block_is_truncated_tar(tmp_path: Path) -> None:
@@ -131,22 +137,62 @@ def test_archive_without_end_block_is_truncated_tar(tmp_path: Path) -> None:
     (tmp_path / "b.tar").write_bytes(_tar(_pair(2)))
     loader = build_loader(_loader_cfg(f"{tmp_path}/a.tar,{tmp_path}/b.tar", batch_size=2), 0, 1)
     assert next(iter(loader)).image_ids == [1, 2]
-    assert loader.skip_counts() == {"truncated_tar": 1}
+    assert _nonzero(loader.skip_counts()) == {"truncated_tar": 1}
 
 
-def test_unreadable_shard_is_reported_and_skipped(tmp_path: Path) -> None:
+def test_shard_gone_at_run_time_is_reported_and_skipped(tmp_path: Path) -> None:
+    """Validated at start, deleted before it is read: skipped and listed, not fatal."""
+    (tmp_path / "a.tar").write_bytes(_tar(_pair(1)))
     (tmp_path / "b.tar").write_bytes(_tar(_pair(2)))
-    missing = f"{tmp_path}/missing.tar"
-    loader = build_loader(_loader_cfg(f"{missing},{tmp_path}/b.tar"), 0, 1)
+    loader = build_loader(_loader_cfg(f"{tmp_path}/a.tar,{tmp_path}/b.tar"), 0, 1)
+    (tmp_path / "a.tar").unlink()
     assert next(iter(loader)).image_ids == [2]
-    assert loader.skip_counts() == {"shard_unreadable": 1}
-    assert loader.shards_failed == [missing]
+    assert _nonzero(loader.skip_counts()) == {"shard_unreadable": 1}
+    assert loader.shards_failed == [f"{tmp_path}/a.tar"]
 
 
-def test_no_usable_data_raises_instead_of_hanging(tmp_path: Path) -> None:
-    loader = build_loader(_loader_cfg(f"{tmp_path}/missing.tar"), 0, 1)
-    with pytest.raises(RuntimeError, match="without one usable sample"):
+def test_storage_error_at_run_time_is_a_skip_not_a_crash() -> None:
+    events = list(iter_shard("bogus://bucket/sa_000000.tar", retries=0))
+    assert [(type(e), e.reason) for e in events] == [(Skip, "shard_unreadable")]
+    assert "bogus" in events[0].detail
+
+
+@pytest.mark.parametrize("content", [b"", b"hello\n" * 10, b"PK\x03\x04" + b"x" * 20000],
+                         ids=["empty", "small", "large"])
+def test_file_that_is_not_a_tar_is_one_reason_and_listed(content: bytes, tmp_path: Path) -> None:
+    """Empty, small and large non-tar files: all ``not_a_tar`` (small ones used to be
+    ``truncated_tar``, large ones ``corrupt_tar``), and listed in ``shards_failed``."""
+    (tmp_path / "a.tar").write_bytes(content)
+    (tmp_path / "b.tar").write_bytes(_tar(_pair(2)))
+    loader = build_loader(_loader_cfg(f"{tmp_path}/a.tar,{tmp_path}/b.tar"), 0, 1)
+    assert next(iter(loader)).image_ids == [2]
+    assert _nonzero(loader.skip_counts()) == {"not_a_tar": 1}
+    assert loader.shards_failed == [f"{tmp_path}/a.tar"]
+
+
+def test_empty_archive_is_not_a_failure(tmp_path: Path) -> None:
+    assert list(iter_shard(_write(tmp_path / "e.tar", _tar([])))) == []
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_no_usable_data_anywhere_is_one_line_config_error(tmp_path: Path) -> None:
+    """Every shard bad (not a tar, no pairs, only bad samples): exit-2 error naming each
+    shard and why, once the slot has read all of them (not after N epochs of its own)."""
+    jpg, _ = _sample(5)
+    urls = [_write(tmp_path / "a.tar", b"not a tar"), _write(tmp_path / "b.tar", _tar([])),
+            _write(tmp_path / "c.tar", _tar([("sa_5.jpg", jpg), ("sa_5.json", b"{")]))]
+    loader = build_loader(_loader_cfg(",".join(urls)), 0, 1)
+    with pytest.raises(NoUsableDataError) as info:
         next(iter(loader))
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError) and "\n" not in message
+    assert message.startswith("data.shards: none of the 3 shards")
+    for url, why in zip(urls, ["not_a_tar", "no sa_<id>.jpg/.json pairs", "invalid_json"]):
+        assert f"{url} ({why})" in message
 
 
 def test_pairs_in_either_order_and_other_members(tmp_path: Path) -> None:
@@ -249,4 +295,36 @@ def test_unexpected_decoder_error_is_skipped_as_decode_error(
     path.write_bytes(_tar(_pair(90) + _pair(1)))
     loader = build_loader(_loader_cfg(str(path)), 0, 1)
     assert next(iter(loader)).image_ids == [1]
-    assert loader.skip_counts() == {"decode_error": 1}
+    assert _nonzero(loader.skip_counts()) == {"decode_error": 1}
+
+
+@pytest.mark.parametrize("unsampled", ["area_filtered", "not_drawn"])
+def test_rle_size_of_every_annotation_is_checked(unsampled: str, tmp_path: Path) -> None:
+    """A wrong RLE size on an annotation the sampler would never decode (dropped by the
+    area filter, or not among the drawn masks) still skips the image."""
+    jpg, doc = _sample(90, shapes=6)
+    anns = doc["annotations"]
+    bad = anns[-1] | {"segmentation": anns[-1]["segmentation"] | {"size": [49, 64]}}
+    if unsampled == "area_filtered":
+        bad["area"] = 48 * 64  # > 90% of the image: never sampled
+    doc["annotations"] = anns[:-1] + [bad]
+    members = [("sa_90.jpg", jpg), ("sa_90.json", json.dumps(doc).encode())] + _pair(1)
+    (tmp_path / "x.tar").write_bytes(_tar(members))
+    for seed in range(4):  # whichever masks a seed draws
+        loader = build_loader(_loader_cfg(str(tmp_path / "x.tar"), max_masks_per_image=1,
+                                          seed=seed), 0, 1)
+        assert next(iter(loader)).image_ids == [1]
+        assert _nonzero(loader.skip_counts()) == {"rle_size_mismatch": 1}
+
+
+def test_bad_member_warns_once_per_process_but_counts_every_epoch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "x.tar"
+    path.write_bytes(_tar(_bad_case("corrupt_jpeg") + _pair(1)))
+    loader = build_loader(_loader_cfg(str(path)), 0, 1)
+    stream = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        assert [next(stream).image_ids for _ in range(3)] == [[1]] * 3  # 3 epochs
+    assert loader.skip_counts()["corrupt_jpeg"] == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sa_90" in warnings[0].getMessage()

@@ -14,7 +14,7 @@ from trainer.interactive import (
     simulate_interaction,
 )
 from trainer.loss import LossConfig, sam_loss
-from trainer.prompts import LABEL_NEGATIVE, LABEL_POSITIVE, PromptConfig
+from trainer.prompts import LABEL_BOX_TOP_LEFT, LABEL_NEGATIVE, LABEL_PAD, LABEL_POSITIVE, PromptConfig, image_region
 
 NUM_IMAGES, NUM_MASKS, SIZE = 2, 6, 256
 
@@ -174,3 +174,81 @@ def test_checkpointed_rounds_give_the_same_loss_and_gradients(sam: torch.nn.Modu
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------- box rule: single vs multi-mask (point 16)
+
+
+def decode(sam: torch.nn.Module, embeddings: torch.Tensor, out: RoundOutput, multimask: bool) -> torch.Tensor:
+    """The official decoder call for a round's prompts (masks N×K×4h×4w)."""
+    sparse, dense = sam.prompt_encoder(points=(out.point_coords, out.point_labels), boxes=None,
+                                       masks=out.mask_input, pad_points=False)
+    return sam.mask_decoder(embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                            multimask_output=multimask)[0]
+
+
+def test_round1_box_gets_single_mask_and_point_gets_three(sam: torch.nn.Module) -> None:
+    """SAM_RECIPE.md §1 "Single vs multi-mask", §3: a box is two corner prompts (SAM 2)."""
+    embeddings, image_index, gt = make_batch()
+    emb = embeddings.detach()[image_index]
+    for seed in range(20):  # until round 1 mixes boxes and points
+        with torch.no_grad():
+            outputs = simulate_interaction(sam, emb, torch.arange(NUM_MASKS), gt, None, PromptConfig(),
+                                           torch.Generator().manual_seed(seed))
+        is_box = outputs[0].point_labels[:, 0] == LABEL_BOX_TOP_LEFT
+        if 0 < int(is_box.sum()) < NUM_MASKS:
+            break
+    first = outputs[0]
+    assert torch.equal(first.multimask_rows, ~is_box)
+    assert first.low_res_masks.shape[1] == 3
+    with torch.no_grad():
+        single, multi = decode(sam, emb, first, False), decode(sam, emb, first, True)
+    torch.testing.assert_close(first.low_res_masks[~is_box], multi[~is_box])
+    # A box row carries its single-mask output in all three slots.
+    torch.testing.assert_close(first.low_res_masks[is_box], single[is_box].expand(-1, 3, -1, -1))
+    # The no-point round right after round 1 keeps the rule; later rounds are single.
+    for out in outputs[1:]:
+        expected = ~is_box & (out.num_sparse_tokens == 2)
+        assert torch.equal(out.multimask_rows, expected)
+
+
+def test_box_multimask_setting_flips_the_rule(sam: torch.nn.Module) -> None:
+    with torch.no_grad():
+        outputs, _, _ = run(sam, seed=1, prob_box=1.0, box_multimask=True)
+    assert outputs[0].multimask and outputs[0].multimask_rows.all()
+    with torch.no_grad():
+        outputs, _, _ = run(sam, seed=1, prob_box=1.0)
+    assert not outputs[0].multimask and outputs[0].low_res_masks.shape[1] == 1
+    with torch.no_grad():
+        outputs, _, _ = run(sam, seed=1, prob_box=0.0)
+    assert outputs[0].multimask_rows.all() and outputs[0].low_res_masks.shape[1] == 3
+
+
+def test_all_box_step_still_reaches_every_decoder_parameter(sam: torch.nn.Module) -> None:
+    """DDP without find_unused_parameters needs a gradient (zero is fine) on every parameter."""
+    sam.zero_grad()
+    outputs, _, gt = run(sam, seed=2, prob_box=1.0, num_correction_points=1, num_no_point_rounds=0)
+    rounds = [(o.low_res_masks, o.iou_pred) for o in outputs]
+    sam_loss(rounds, gt, torch.ones(NUM_MASKS, dtype=torch.bool), NUM_MASKS, LossConfig())["loss"].backward()
+    missing = [n for n, p in sam.mask_decoder.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+# ------------------------------------------------- padding is not image (point 18)
+
+
+def test_no_click_or_box_in_padding(sam: torch.nn.Module) -> None:
+    """Whole simulation with each mask's unpadded size: every click and box is in its image."""
+    embeddings, image_index, gt = make_batch()
+    valid_hw = torch.tensor([[256, 150], [170, 256]])[image_index]  # image 0 portrait, 1 landscape
+    gt &= image_region(valid_hw, (SIZE, SIZE))
+    for seed in range(4):
+        with torch.no_grad():
+            outputs = simulate_interaction(sam, embeddings.detach(), image_index, gt, None, PromptConfig(),
+                                           torch.Generator().manual_seed(seed), valid_hw=valid_hw)
+        last = outputs[-1]
+        x, y = last.point_coords[..., 0], last.point_coords[..., 1]
+        placed = last.point_labels != LABEL_PAD
+        assert (x <= valid_hw[:, 1:2])[placed].all() and (y <= valid_hw[:, 0:1])[placed].all()
+        clicks = placed & (last.point_labels <= LABEL_POSITIVE)  # points, not box corners
+        assert (x < valid_hw[:, 1:2])[clicks].all() and (y < valid_hw[:, 0:1])[clicks].all()

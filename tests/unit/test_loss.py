@@ -16,6 +16,7 @@ from trainer.loss import (
     focal_loss,
     iou_loss,
     mask_iou,
+    match_region,
     match_resolution,
     num_masks_across_ranks,
     round_loss,
@@ -173,3 +174,84 @@ def test_num_masks_across_ranks(tmp_path: Path) -> None:
 def test_config_validation_names_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         LossConfig(**kwargs)
+
+
+# --------------------------------------------------------- padding is not image (point 18)
+
+
+def padded_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Low-res logits N×3×16×16 for a 64² frame, GT inside each image, (h, w) per mask."""
+    gen = torch.Generator().manual_seed(seed)
+    valid_hw = torch.tensor([[40, 64], [64, 24], [32, 48]])  # multiples of 4: cells align
+    gt = torch.zeros(3, 64, 64, dtype=torch.bool)
+    gt[0, 10:30, 5:50] = True
+    gt[1, 20:60, 2:20] = True
+    gt[2, 0:32, 10:48] = True  # touches the image's bottom and right edges
+    logits = torch.randn(3, 3, 16, 16, generator=gen) * 3
+    iou_pred = torch.rand(3, 3, generator=gen)
+    return logits, iou_pred, gt, valid_hw
+
+
+def scribble_padding(logits: torch.Tensor, valid_hw: torch.Tensor, value: float) -> torch.Tensor:
+    """Overwrite low-res cells that no image pixel's bilinear upsampling reads.
+
+    Output pixel y < h = 4m reads low-res rows up to m (align_corners=False), so rows and
+    columns from m + 1 on touch only padding.
+    """
+    out = logits.clone()
+    for i, (h, w) in enumerate(valid_hw.tolist()):
+        out[i, :, h // 4 + 1:, :] = value
+        out[i, :, :, w // 4 + 1:] = value
+    return out
+
+
+@pytest.mark.parametrize("resolution", ["gt", "low_res"])
+def test_loss_ignores_predictions_in_padding(resolution: str) -> None:
+    logits, iou_pred, gt, valid_hw = padded_case()
+    cfg = LossConfig(resolution=resolution)
+    valid = torch.ones(3, dtype=torch.bool)
+    logits.requires_grad_(True)
+    out = sam_loss([(logits, iou_pred)], gt, valid, 3, cfg, valid_hw=valid_hw)
+    out["loss"].backward()
+    for value in (30.0, -30.0, float("inf")):  # confident fg, bg, even non-finite
+        other = sam_loss([(scribble_padding(logits.detach(), valid_hw, value), iou_pred)], gt, valid, 3, cfg,
+                         valid_hw=valid_hw)
+        for key in out:
+            torch.testing.assert_close(other[key], out[key].detach(), rtol=0, atol=0)
+    untouched = scribble_padding(torch.ones_like(logits), valid_hw, 0.0) == 0
+    assert (logits.grad[untouched] == 0).all()  # no gradient from the padding
+    # Without the valid region the same change does move the loss (the test can fail).
+    whole = sam_loss([(logits.detach(), iou_pred)], gt, valid, 3, cfg)["loss"]
+    moved = sam_loss([(scribble_padding(logits.detach(), valid_hw, 30.0), iou_pred)], gt, valid, 3, cfg)["loss"]
+    assert not torch.allclose(whole, moved)
+
+
+def test_focal_and_dice_average_over_image_pixels() -> None:
+    """Easy padding pixels no longer dilute the mean: one wrong pixel in a 2-pixel image."""
+    logits = torch.tensor([[[[-10.0, -10.0, -10.0, -10.0]]]])  # confident background everywhere
+    gt = torch.tensor([[[True, False, False, False]]])
+    region = torch.tensor([[[True, True, False, False]]])
+    per_pixel = focal_loss(logits[..., :1], gt[..., :1])  # the one wrong pixel's loss
+    assert focal_loss(logits, gt, region=region).item() == pytest.approx(per_pixel.item() / 2)
+    assert focal_loss(logits, gt).item() == pytest.approx(per_pixel.item() / 4)
+    assert dice_loss(logits, gt, region).item() == pytest.approx(dice_loss(logits[..., :2], gt[..., :2]).item())
+
+
+def test_iou_target_counts_only_image_pixels() -> None:
+    gt = torch.zeros(1, 4, 4, dtype=torch.bool)
+    gt[0, :2, :2] = True
+    region = torch.zeros(1, 4, 4, dtype=torch.bool)
+    region[0, :2, :] = True  # the image is the top half
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0
+    logits[0, 0, 2:, :] = 5.0  # "foreground" predicted in the padding
+    assert mask_iou(logits, gt, region).item() == pytest.approx(1.0)
+    assert mask_iou(logits, gt).item() == pytest.approx(4 / 12)
+
+
+def test_region_follows_the_low_res_rule() -> None:
+    region = torch.zeros(1, 16, 16, dtype=torch.bool)
+    region[0, :10, :16] = True
+    small = match_region(region, torch.zeros(1, 3, 4, 4))
+    assert small[0, :, 0].tolist() == [True, True, True, False]  # cell 2 is 2/4 image: kept
+    assert match_region(region, torch.zeros(1, 3, 16, 16)) is region

@@ -134,3 +134,48 @@ def test_deeper_checkpoint_is_reported() -> None:
     state = mae_state(96, 6, patch=16, grid=14)
     with pytest.raises(MaeCheckpointError, match="beyond the encoder depth"):
         load_mae_state_dict(model.image_encoder, state, variant="tiny")
+
+
+# ------------------------------------------------------------- model.encoder_init (point 15)
+
+
+def test_config_mae_init_loads_timm_checkpoint(tmp_path, caplog) -> None:
+    """``model.encoder_init=mae`` through the config loader and ``build_model``."""
+    from trainer.config import load_config
+    from trainer.model import build_model
+    from trainer.presets import PRESETS, Config
+
+    state = mae_state(96, 4, patch=16, grid=14, full_model=True)
+    path = tmp_path / "mae_pretrain_tiny.pth"
+    torch.save({"model": state}, path)
+    cfg = load_config(Config, "tiny_cpu", ["data.shards=x.tar", "model.encoder_init=mae",
+                                           f"model.mae_checkpoint={path}"], PRESETS)
+    with caplog.at_level("INFO", logger="trainer.model"):
+        model = build_model(cfg.model)
+    enc = model.image_encoder.state_dict()
+    torch.testing.assert_close(enc["blocks.2.mlp.lin1.weight"], state["blocks.2.mlp.fc1.weight"])
+    torch.testing.assert_close(enc["blocks.0.norm1.weight"], state["blocks.0.norm1.weight"])
+    assert enc["pos_embed"].shape == (1, 16, 16, 96)
+    assert "MAE init" in caplog.text
+
+
+def test_random_init_of_a_paper_variant_warns(caplog) -> None:
+    from trainer.model import ModelConfig, build_model
+
+    with caplog.at_level("INFO", logger="trainer.model"):
+        build_model(ModelConfig(variant="vit_b", encoder_init="random"))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "model.encoder_init=random" in warnings[0].getMessage()
+    assert "vit_b" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.model"):
+        build_model(ModelConfig(variant="tiny", encoder_init="random"))
+    assert [r.levelname for r in caplog.records] == ["INFO"]  # tiny_cpu: one INFO line, no warning
+
+
+def test_build_model_rejects_the_required_marker() -> None:
+    from trainer.model import ModelConfig, build_model
+    from trainer.model.build import REQUIRED_ENCODER_INIT
+
+    with pytest.raises(ValueError, match="model.encoder_init: required"):
+        build_model(ModelConfig(variant="tiny", encoder_init=REQUIRED_ENCODER_INIT))

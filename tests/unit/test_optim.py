@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 
 import pytest
@@ -193,3 +194,24 @@ def test_scheduler_honours_lr_scale() -> None:
 def test_config_validation_names_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"optim.{field}"):
         OptimConfig(**kwargs)
+
+
+def test_no_decay_exclusions_name_their_source() -> None:
+    """Point 19: ViTDet excludes only pos_embed and norms; the rest is attributed elsewhere."""
+    from trainer.model import build_sam
+    from trainer.optim import NO_DECAY_SOURCES
+
+    cfg = OptimConfig()
+    assert set(cfg.no_decay_patterns) == set(NO_DECAY_SOURCES)
+    assert [k for k, v in NO_DECAY_SOURCES.items() if v.startswith("ViTDet")] == ["*pos_embed"]
+    # On a real model: what we exclude beyond ViTDet's rule (pos_embed + norms) is exactly
+    # the non-norm biases (MAE/timm, SAM 2) and the patterns marked "ours".
+    ours = [k for k, v in NO_DECAY_SOURCES.items() if v.startswith("ours")]
+    norms = {f"{n}.{p}" for n, m in build_sam("tiny").named_modules()
+             if "norm" in type(m).__name__.lower() for p in ("weight", "bias")}
+    for name, param in build_sam("tiny").named_parameters():
+        vitdet_excludes = name.endswith("pos_embed") or name in norms
+        if vitdet_excludes:
+            assert not uses_weight_decay(name, param.ndim, cfg), name
+        elif not uses_weight_decay(name, param.ndim, cfg):
+            assert name.endswith(".bias") or any(fnmatch.fnmatchcase(name, k) for k in ours), name

@@ -13,8 +13,10 @@ from trainer.prompts import (
     LABEL_POSITIVE,
     PromptConfig,
     boxes_from_masks,
+    image_region,
     noisy_boxes,
     num_prompts_per_round,
+    prompts_per_row,
     sample_correction_points,
     sample_initial_prompts,
     sample_points_in_region,
@@ -205,3 +207,71 @@ def test_config_validation_names_field(kwargs: dict) -> None:
     field = next(iter(kwargs)) if len(kwargs) == 1 else "num_no_point_rounds"
     with pytest.raises(ValueError, match=field):
         PromptConfig(**kwargs)
+
+
+# ------------------------------------------------- valid region: padding is not image (point 18)
+
+
+def random_valid_hw(n: int, size: int, seed: int) -> torch.Tensor:
+    """N×2 (h, w): one side the full frame, the other 1/3 to all of it (SA-1B 3:2 and 4:3)."""
+    g = gen(seed)
+    short = torch.randint(size // 3, size + 1, (n,), generator=g)
+    full = torch.full((n,), size)
+    portrait = torch.rand(n, generator=g) < 0.5
+    return torch.stack([torch.where(portrait, full, short), torch.where(portrait, short, full)], dim=1)
+
+
+def test_image_region_is_the_top_left_rectangle() -> None:
+    region = image_region(torch.tensor([[2, 3], [4, 1]]), (4, 5))
+    assert region.shape == (2, 4, 5)
+    assert region[0].int().tolist() == [[1, 1, 1, 0, 0]] * 2 + [[0] * 5] * 2
+    assert region[1].int().tolist() == [[1, 0, 0, 0, 0]] * 4
+
+
+@pytest.mark.parametrize("policy", ["background", "pad"])
+def test_no_correction_point_lands_in_padding(policy: str) -> None:
+    """Over 50 seeds × 64 masks of random image sizes, no click lands in the padding:
+    neither when the prediction spills over the whole frame (even seeds) nor when its
+    only error is in the padding (odd seeds: then the image holds no error at all)."""
+    size, n = 48, 64
+    cfg = PromptConfig(empty_error_policy=policy)
+    for seed in range(50):
+        hw = random_valid_hw(n, size, seed)
+        region = image_region(hw, (size, size))
+        gt = random_masks(n, size, seed) & region
+        if seed % 2 == 0:
+            pred = torch.ones(n, size, size, dtype=torch.bool)  # FP everywhere
+        else:
+            pred = gt | ~region  # perfect inside the image, all wrong in the padding
+        coords, labels = sample_correction_points(pred, gt, cfg, gen(seed), region)
+        x, y = coords[:, 0, 0], coords[:, 0, 1]
+        placed = labels[:, 0] != LABEL_PAD
+        assert ((x < hw[:, 1]) & (y < hw[:, 0]))[placed].all(), seed
+        if seed % 2 == 0 or policy == "background":
+            assert placed.all(), seed  # an error (or background) point inside the image
+        else:
+            assert not placed.any(), seed  # "pad": no error inside the image, no click
+        if seed % 2 == 1 and policy == "background":
+            assert (labels[:, 0] == LABEL_NEGATIVE).all()
+
+
+def test_noisy_boxes_clamped_to_each_image() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 99.0, 59.0], [0.0, 0.0, 59.0, 99.0]]).repeat(500, 1)
+    hw = torch.tensor([[60, 100], [100, 60]]).repeat(500, 1)
+    noisy = noisy_boxes(boxes, hw, PromptConfig(), gen(3))
+    assert (noisy >= 0).all()
+    assert (noisy[:, [0, 2]] <= hw[:, 1:2]).all() and (noisy[:, [1, 3]] <= hw[:, 0:1]).all()
+    assert (noisy[0::2, 2] == 100.0).any() and (noisy[1::2, 3] == 100.0).any()  # clamps were reached
+
+
+# ------------------------------------------------------- box rule: single vs multi-mask (point 16)
+
+
+def test_a_box_is_two_prompts_by_default() -> None:
+    """SAM_RECIPE.md §1 "Single vs multi-mask", §3: SAM 2 encodes a box as two points."""
+    is_box = torch.tensor([False, True])
+    assert use_multimask(prompts_per_row(1, is_box, PromptConfig())).tolist() == [True, False]
+    assert use_multimask(prompts_per_row(2, is_box, PromptConfig())).tolist() == [False, False]
+    flipped = PromptConfig(box_multimask=True)
+    assert use_multimask(prompts_per_row(1, is_box, flipped)).tolist() == [True, True]
+    assert use_multimask(prompts_per_row(2, is_box, flipped)).tolist() == [False, False]

@@ -39,8 +39,9 @@ class DataConfig:
     """Masks whose ``area`` exceeds this fraction of the image are dropped (paper: 0.9)."""
 
     num_workers: int = 2
-    """DataLoader worker processes per rank; 0 reads in the training process. Capped at
-    ``num_shards // world_size`` so every worker owns at least one shard per epoch."""
+    """DataLoader worker processes per rank; 0 reads in the training process. Each
+    (rank, worker) is one slot of the round-robin shard dealing (:mod:`trainer.data.loader`),
+    so any count works with any number of shards."""
 
     prefetch_factor: int = 2
     """Batches each worker prepares ahead (ignored with ``num_workers=0``)."""
@@ -49,7 +50,8 @@ class DataConfig:
     """Pin batches in page-locked memory when CUDA is available (ignored otherwise)."""
 
     seed: int = 0
-    """Seed of the per-epoch shard shuffle (seed + epoch) and of per-image sampling."""
+    """Seed of the per-epoch shard shuffle and of per-image sampling, both hashed with the
+    epoch (numpy SeedSequence), so different seeds give independent orders."""
 
     shuffle_shards: bool = True
     """Shuffle the shard order every epoch; False keeps the listed order (e.g. for eval)."""

@@ -1,17 +1,28 @@
-"""Shard listing, rank/worker sharding, resumable position, batching.
+"""Dealing shards to (rank, worker) slots, resumable position, batching.
 
-Sharding: every epoch the shard list is shuffled with ``seed + epoch`` (the same on all
-ranks), rank ``r`` takes ``shuffled[r::world_size]`` and its worker ``w`` takes every
-``num_workers``-th of those. So each shard is read by exactly one (rank, worker) per
-epoch. Within a shard, images come in stored order. A worker streams its shards epoch
-after epoch forever (training runs by iteration count, and every DDP rank must always
-get a batch); batches may span shard and epoch boundaries.
+Sharding (:class:`trainer.data.shards.ShardOrder`): one infinite sequence of shard
+indices, each epoch a seeded permutation of all shards (the same on every rank), dealt
+round-robin to all ``world_size × num_workers`` slots; slot ``rank · num_workers +
+worker`` reads positions ``slot, slot + S, slot + 2S, ...``. So every shard is read the
+same number of times to within one over a run, for any shard count, world size and
+worker count (a per-(rank, worker) split of each epoch would read some shards 2-4× as
+often when the count does not divide). Fewer shards than slots is allowed: a shard is
+then read by several slots in the same round, in different epochs. Within a shard,
+images come in stored order; a worker streams forever (training runs by iteration
+count, and every DDP rank must always get a batch); batches may span shards and epochs.
+
+Bad data (:mod:`trainer.data.sa1b`) is skipped and counted. Training stops for bad data
+only when no rank can produce a sample: a slot sees every shard of the list over time,
+and it raises :class:`~trainer.data.shards.NoUsableDataError` (a ``ConfigError``: exit
+2) only once it has read every distinct shard of the list, since its last usable sample,
+without one usable sample; the message names the shards and why each gave nothing. A
+slot that merely passes through bad shards keeps going.
 
 Position: each worker yields whole batches together with its position after that batch
-(epoch, index into its shard list, byte offset of the next tar member, cumulative skip
-counts). :class:`SA1BLoader` records, per logical worker, the position of the last
-batch handed to the caller and which logical worker is next; prefetched batches do
-not count. torch's DataLoader takes batches round-robin from workers 0, 1, ...; on
+(its turn in the dealt sequence, byte offset of the next tar member in that shard,
+cumulative skip counts). :class:`SA1BLoader` records, per logical worker, the position of
+the last batch handed to the caller and which logical worker is next; prefetched batches
+do not count. torch's DataLoader takes batches round-robin from workers 0, 1, ...; on
 restore, physical worker ``p`` plays logical worker ``(p + next) % num_workers``, so the
 resumed stream continues exactly where the uninterrupted one would have.
 """
@@ -22,7 +33,6 @@ import hashlib
 import logging
 import math
 import os
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -33,6 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.config import DataConfig
 from trainer.data.sa1b import (
+    SHARD_FAILURES,
+    SKIP_REASONS,
     RawPair,
     Sample,
     Skip,
@@ -41,76 +53,13 @@ from trainer.data.sa1b import (
     iter_shard,
     warn_skip,
 )
+from trainer.data.shards import NoUsableDataError, ShardOrder, list_shards
 from trainer.data.transforms import normalize_into
-from trainer.storage import open_url, protocol_of, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-MAX_EMPTY_EPOCHS = 2  # a worker that finds no usable sample this often stops training
-_GLOB_CHARS = "*?["
-
-
-# ---------------------------------------------------------------------------- shards
-
-
-def list_shards(spec: str | Sequence[str]) -> list[str]:
-    """Expand a shard spec into URLs.
-
-    ``spec``: a glob (``gs://b/sa_*.tar``, ``/data/*.tar``; matches sorted), a ``.txt``
-    file of URLs or globs (one per line, ``#`` comments), a comma-separated list of any
-    of these, or a list of them. Raises ValueError if nothing matches.
-    """
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for part in (p.strip() for item in parts for p in item.split(",")):
-        if not part:
-            continue
-        if part.endswith(".txt"):
-            with open_url(part, "rb") as fileobj:
-                lines = fileobj.read().decode("utf-8").splitlines()
-            for line in lines:
-                url = line.split("#", 1)[0].strip()
-                if url:
-                    urls += _expand_glob(url)
-        else:
-            urls += _expand_glob(part)
-    if not urls:
-        raise ValueError(f"DataConfig.shards: {spec!r} matched no shard files")
-    return urls
-
-
-def _expand_glob(url: str) -> list[str]:
-    if not any(c in url for c in _GLOB_CHARS):
-        return [url]
-    fs, path = url_to_fs(url)
-    matches = sorted(fs.glob(path))
-    if protocol_of(url) == "file" and "://" not in url:
-        return matches  # keep plain paths plain
-    return [fs.unstrip_protocol(m) for m in matches]
-
-
-def shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Shard indices in the order of ``epoch`` (same on every rank)."""
-    order = list(range(num_shards))
-    if shuffle:
-        random.Random(seed + epoch).shuffle(order)
-    return order
-
-
-def worker_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, world_size: int,
-                  worker: int, num_workers: int, shuffle: bool = True) -> list[str]:
-    """The shards (rank, worker) reads in ``epoch``, in reading order."""
-    order = shard_order(len(shards), epoch, seed, shuffle)
-    return [shards[i] for i in order[rank::world_size][worker::num_workers]]
-
-
-def effective_num_workers(num_shards: int, world_size: int, num_workers: int) -> int:
-    """Logical workers per rank: at least 1, at most one per shard of the rank."""
-    if num_shards < world_size:
-        raise ValueError(f"DataConfig.shards: {num_shards} shards for world_size {world_size}; "
-                         "every rank needs at least one shard per epoch")
-    return max(1, min(num_workers, num_shards // world_size))
+#: 2: position is the slot's turn in the round-robin sequence (1 was epoch + shard index).
+STATE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- batch
@@ -179,21 +128,41 @@ def collate(samples: Sequence[Sample], img_size: int) -> Batch:
 
 def new_position() -> dict[str, Any]:
     """A worker's position at the very start: JSON-able plain values."""
-    return {"epoch": 0, "shard_index": 0, "offset": 0, "skips": {}, "shards_failed": []}
+    return {"turn": 0, "offset": 0, "skips": {}, "shards_failed": []}
 
 
 def _copy_position(pos: dict[str, Any]) -> dict[str, Any]:
     return {**pos, "skips": dict(pos["skips"]), "shards_failed": list(pos["shards_failed"])}
 
 
+def _why_empty(skips: dict[str, int]) -> str:
+    """Why one shard gave no usable sample, from its skip counts."""
+    if not skips:
+        return "no sa_<id>.jpg/.json pairs"
+    return ", ".join(f"{reason}×{n}" if n > 1 else reason for reason, n in sorted(skips.items()))
+
+
+def no_usable_data_message(setting: str, shards: Sequence[str], why: dict[int, str],
+                           where: str) -> str:
+    """One line naming up to 5 shards that gave nothing, why, and how many in all."""
+    listed = "; ".join(f"{shards[i]} ({why[i]})" for i in sorted(why)[:5])
+    more = f"; and {len(why) - 5} more" if len(why) > 5 else ""
+    return (f"{setting}: none of the {len(shards)} shards gives a usable sample ({where} "
+            f"read every one): {listed}{more}")
+
+
 class _SA1BStream(IterableDataset):
     """Yields ``(batch, position after it, logical worker)`` forever."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], rank: int, world_size: int,
-                 num_logical: int, positions: list[dict[str, Any]], rotation: int) -> None:
+                 num_logical: int, positions: list[dict[str, Any]], rotation: int,
+                 setting: str) -> None:
         super().__init__()
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.num_logical, self.positions, self.rotation = num_logical, positions, rotation
+        self.setting = setting
+        self.order = ShardOrder(len(shards), world_size * num_logical, cfg.seed,
+                                cfg.shuffle_shards)
 
     def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any], int]]:
         info = get_worker_info()
@@ -203,47 +172,51 @@ class _SA1BStream(IterableDataset):
 
     def iter_logical(self, logical: int) -> Iterator[tuple[Batch, dict[str, Any], int]]:
         cfg, pos = self.cfg, _copy_position(self.positions[logical])
+        slot = self.rank * self.num_logical + logical
         pending: list[Sample] = []
-        empty_epochs = 0
+        fruitless: dict[int, str] = {}  # shards read whole since the last usable sample
         while True:
-            urls = worker_shards(self.shards, pos["epoch"], cfg.seed, self.rank, self.world_size,
-                                 logical, self.num_logical, cfg.shuffle_shards)
-            produced = False
-            while pos["shard_index"] < len(urls):
-                url = urls[pos["shard_index"]]
-                for event in iter_shard(url, pos["offset"], cfg.shard_open_retries,
-                                        cfg.retry_backoff_s):
-                    sample = self._decode(event, url, pos)
-                    if sample is None:
-                        continue
-                    produced = True
-                    pending.append(sample)
-                    pos["offset"] = event.next_offset
-                    if len(pending) == cfg.batch_size:
-                        yield collate(pending, cfg.img_size), _copy_position(pos), logical
-                        pending = []
-                pos["shard_index"], pos["offset"] = pos["shard_index"] + 1, 0
-            pos["epoch"], pos["shard_index"] = pos["epoch"] + 1, 0
-            empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= MAX_EMPTY_EPOCHS:
-                raise RuntimeError(
-                    f"rank {self.rank} data worker {logical} read {MAX_EMPTY_EPOCHS} epochs of "
-                    f"its shards without one usable sample; skips so far: {pos['skips']}, "
-                    f"unreadable shards: {pos['shards_failed'][:5]}")
+            epoch, index = self.order.locate(slot, pos["turn"])
+            url, shard_skips = self.shards[index], {}
+            # Only a whole reading proves a shard sample-less (a resumed one began mid-way).
+            whole, produced = pos["offset"] == 0, False
+            for event in iter_shard(url, pos["offset"], cfg.shard_open_retries,
+                                    cfg.retry_backoff_s):
+                sample = self._decode(event, url, epoch, pos, shard_skips)
+                if sample is None:
+                    continue
+                produced = True
+                fruitless.clear()
+                pending.append(sample)
+                pos["offset"] = event.next_offset
+                if len(pending) == cfg.batch_size:
+                    yield collate(pending, cfg.img_size), _copy_position(pos), logical
+                    pending = []
+            pos["turn"], pos["offset"] = pos["turn"] + 1, 0
+            if whole and not produced:
+                fruitless[index] = _why_empty(shard_skips)
+            if len(fruitless) == len(self.shards):
+                where = f"rank {self.rank} data worker {logical}"
+                raise NoUsableDataError(no_usable_data_message(self.setting, self.shards,
+                                                               fruitless, where))
 
-    def _decode(self, event: RawPair | Skip, url: str, pos: dict[str, Any]) -> Sample | None:
-        skips = pos["skips"]
+    def _decode(self, event: RawPair | Skip, url: str, epoch: int, pos: dict[str, Any],
+                shard_skips: dict[str, int]) -> Sample | None:
+        """The sample of ``event``, or None after counting the skip in ``pos`` and in
+        ``shard_skips`` (this reading of the shard)."""
         if isinstance(event, Skip):  # from the tar level
-            warn_skip(skips, event.reason, event.where, event.detail)
-            if event.reason == "shard_unreadable" and url not in pos["shards_failed"]:
+            reason, where, detail = event.reason, event.where, event.detail
+            if reason in SHARD_FAILURES and url not in pos["shards_failed"]:
                 pos["shards_failed"].append(url)
-            return None
-        try:
-            return decode_sample(event, self.cfg, pos["epoch"])
-        except SkipSample as err:
-            warn_skip(skips, err.reason, f"{url}:{event.stem}", err.detail)
-        except Exception as err:  # noqa: BLE001 - one odd sample must not end a long run
-            warn_skip(skips, "decode_error", f"{url}:{event.stem}", repr(err))
+        else:
+            try:
+                return decode_sample(event, self.cfg, epoch)
+            except SkipSample as err:
+                reason, where, detail = err.reason, f"{url}:{event.stem}", err.detail
+            except Exception as err:  # noqa: BLE001 - one odd sample must not end a long run
+                reason, where, detail = "decode_error", f"{url}:{event.stem}", repr(err)
+        warn_skip(pos["skips"], reason, where, detail)
+        shard_skips[reason] = shard_skips.get(reason, 0) + 1
         return None
 
 
@@ -264,19 +237,21 @@ class SA1BLoader:
 
     Iterating (again) starts from the position of the last batch returned; use one
     iterator at a time. ``state_dict()`` / ``load_state_dict()`` save and restore that
-    position as plain JSON-able values.
+    position as plain JSON-able values. ``setting`` names the config key the shards came
+    from (``data.shards``, ``eval.shards``) in start-up and no-usable-data errors.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int,
+                 setting: str = "data.shards") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.shards = list_shards(cfg.shards)
-        self.num_logical_workers = effective_num_workers(len(self.shards), world_size,
-                                                         cfg.num_workers)
-        if cfg.num_workers > self.num_logical_workers:
-            logger.warning("data: %d shards over %d ranks: using %d workers per rank, not %d",
-                           len(self.shards), world_size, self.num_logical_workers, cfg.num_workers)
+        self.cfg, self.rank, self.world_size, self.setting = cfg, rank, world_size, setting
+        self.shards = list_shards(cfg.shards, setting)
+        self.num_logical_workers = max(1, cfg.num_workers)
+        slots = world_size * self.num_logical_workers
+        if len(self.shards) < slots:
+            logger.warning("data: %d shards for %d (rank, worker) slots: some shards are read by "
+                           "several slots in the same round", len(self.shards), slots)
         self._positions = [new_position() for _ in range(self.num_logical_workers)]
         self._next_worker = 0
 
@@ -286,44 +261,58 @@ class SA1BLoader:
         names = "\n".join(os.path.basename(u.rstrip("/")) for u in self.shards)
         return hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _stream(self) -> Iterator[tuple[Batch, dict[str, Any], int]]:
         dataset = _SA1BStream(self.cfg, self.shards, self.rank, self.world_size,
                               self.num_logical_workers,
-                              [_copy_position(p) for p in self._positions], self._next_worker)
+                              [_copy_position(p) for p in self._positions], self._next_worker,
+                              self.setting)
         if self.cfg.num_workers == 0:
-            stream: Any = dataset.iter_logical(0)
-        else:
-            # Forked workers inherit OpenCV's thread-pool state but not its threads: if
-            # this process already ran a parallel OpenCV call (e.g. wrote synthetic
-            # shards), the first one in a worker waits forever. One thread here before
-            # forking keeps workers off the pool. (A forkserver would avoid it too, but
-            # workers would then miss memory:// data and later environment changes.)
-            cv2.setNumThreads(1)
-            stream = DataLoader(
-                dataset, batch_size=None, num_workers=self.num_logical_workers,
-                collate_fn=_passthrough, worker_init_fn=_worker_init,
-                prefetch_factor=self.cfg.prefetch_factor,
-                pin_memory=self.cfg.pin_memory and torch.cuda.is_available())
-        for batch, position, logical in stream:
+            return dataset.iter_logical(0)
+        # Forked workers inherit OpenCV's thread-pool state but not its threads: if this
+        # process already ran a parallel OpenCV call (e.g. wrote synthetic shards), the
+        # first one in a worker waits forever. One thread here before forking keeps
+        # workers off the pool. (A forkserver would avoid it too, but workers would then
+        # miss memory:// data and later environment changes.)
+        cv2.setNumThreads(1)
+        return iter(DataLoader(
+            dataset, batch_size=None, num_workers=self.num_logical_workers,
+            collate_fn=_passthrough, worker_init_fn=_worker_init,
+            prefetch_factor=self.cfg.prefetch_factor,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available()))
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = self._stream()
+        while True:
+            try:
+                batch, position, logical = next(stream)
+            except NoUsableDataError as err:
+                # From a worker, torch re-raises it with the worker's traceback as the
+                # message; the entry point prints the message: keep it one line.
+                raise NoUsableDataError.unwrap(err) from None
             self._positions[logical] = position
             self._next_worker = (logical + 1) % self.num_logical_workers
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch returned (plain JSON-able values)."""
+    def _identity(self) -> dict[str, Any]:
+        """What a saved position is only valid for."""
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_logical_workers, "seed": self.cfg.seed,
-                "num_shards": len(self.shards), "shards_digest": self.shards_digest,
-                "next_worker": self._next_worker,
+                "shuffle_shards": self.cfg.shuffle_shards, "num_shards": len(self.shards),
+                "shards_digest": self.shards_digest}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch returned (plain JSON-able values)."""
+        return {**self._identity(), "next_worker": self._next_worker,
                 "workers": [_copy_position(p) for p in self._positions]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` with the same shards, seed,
-        rank, world size and worker count; the next iterator resumes from it."""
-        expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                    "num_workers": self.num_logical_workers, "seed": self.cfg.seed,
-                    "num_shards": len(self.shards), "shards_digest": self.shards_digest}
-        for key, value in expected.items():
+        rank, world size and worker count; the next iterator resumes from it.
+
+        Raises ValueError if ``state`` does not fit this loader (another setup, or an
+        older ``STATE_VERSION``); the caller then restarts the data order.
+        """
+        for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"data state has {key}={state.get(key)!r}, this loader has "
                                  f"{value!r}; the data position cannot be restored")
@@ -335,21 +324,25 @@ class SA1BLoader:
         self._next_worker = int(state["next_worker"]) % self.num_logical_workers
 
     def skip_counts(self) -> dict[str, int]:
-        """Skipped items by reason (see trainer.data.sa1b), summed over workers, up to the
-        last batch returned."""
-        total: dict[str, int] = {}
+        """THIS rank's skipped items by reason, summed over its workers, up to the last
+        batch returned: every name of SKIP_REASONS, 0 when none (summing across ranks is
+        the caller's job)."""
+        total = dict.fromkeys(SKIP_REASONS, 0)
         for pos in self._positions:
             for reason, count in pos["skips"].items():
                 total[reason] = total.get(reason, 0) + count
-        return dict(sorted(total.items()))
+        return total
 
     @property
     def shards_failed(self) -> list[str]:
-        """Shards skipped as unreadable so far (up to the last batch returned)."""
+        """Shards of which nothing could be read (``not_a_tar``, ``shard_unreadable``),
+        so far (up to the last batch returned)."""
         return sorted({url for pos in self._positions for url in pos["shards_failed"]})
 
 
-def build_loader(cfg: DataConfig, rank: int, world_size: int) -> SA1BLoader:
-    """The SA-1B batch stream of ``rank`` out of ``world_size`` (lists shards up front,
-    so missing credentials or an empty glob fail here, not in a worker)."""
-    return SA1BLoader(cfg, rank, world_size)
+def build_loader(cfg: DataConfig, rank: int, world_size: int,
+                 setting: str = "data.shards") -> SA1BLoader:
+    """The SA-1B batch stream of ``rank`` out of ``world_size``. Lists and validates the
+    shards up front (:mod:`trainer.data.shards`), so a bad list fails here with a
+    ``ConfigError`` naming ``setting`` (exit 2), not in a worker mid-run."""
+    return SA1BLoader(cfg, rank, world_size, setting)

@@ -11,21 +11,27 @@ The tar headers are parsed here (with :meth:`tarfile.TarInfo.frombuf`) rather th
 exactly, so a resumed run can ``seek`` to the next unread member; and a truncated
 archive is told apart from a clean end (``r|`` silently stops at either).
 
-Bad data is skipped, never raised into training. Each skip logs ONE warning line and
-is counted under a stable reason name (:data:`SKIP_REASONS`):
+Bad data is skipped, never raised into training. Each skip is counted every time under
+a stable reason name (:data:`SKIP_REASONS`), and logged as ONE warning line the first
+time this process meets that (shard, member) — not again every epoch:
 
 - ``corrupt_jpeg``: the image is not a complete, decodable JPEG.
 - ``invalid_json``: not JSON, or required SA-1B fields are missing or malformed.
 - ``invalid_rle``: an RLE ``counts`` string does not describe an H×W mask.
-- ``rle_size_mismatch``: an RLE ``size`` differs from the JPEG's size.
+- ``rle_size_mismatch``: the ``size`` of any annotation's RLE (all are checked, from the
+  JSON header only, sampled or not) differs from the JPEG's size.
 - ``no_annotations``: no annotations, or none left after the area filter.
 - ``empty_after_transform``: every mask vanished after resize/crop (tiny or cropped out).
 - ``missing_json`` / ``missing_jpg``: one half of a pair is absent.
 - ``truncated_member``: the archive ends inside a member's data (rest of shard lost).
 - ``truncated_tar``: the archive ends inside a header or without the end-of-archive
   block (rest of shard lost).
-- ``corrupt_tar``: a header fails its checksum; the stream cannot be resynchronised.
-- ``shard_unreadable``: the shard could not be opened or read, even after retries.
+- ``corrupt_tar``: a header after the first fails its checksum; the stream cannot be
+  resynchronised (rest of shard lost).
+- ``not_a_tar``: the file does not start with a tar header (any size, including empty):
+  the whole shard is skipped and listed in ``SA1BLoader.shards_failed``.
+- ``shard_unreadable``: the shard could not be opened or read, even after retries (also
+  listed in ``shards_failed``).
 - ``decode_error``: any other exception while decoding one sample (a safety net; the
   warning names the exception so the cause can be fixed).
 """
@@ -58,8 +64,10 @@ logger = logging.getLogger(__name__)
 SKIP_REASONS = (
     "corrupt_jpeg", "invalid_json", "invalid_rle", "rle_size_mismatch", "no_annotations",
     "empty_after_transform", "missing_json", "missing_jpg", "truncated_member",
-    "truncated_tar", "corrupt_tar", "shard_unreadable", "decode_error",
+    "truncated_tar", "corrupt_tar", "not_a_tar", "shard_unreadable", "decode_error",
 )
+#: Reasons that mean nothing of the shard could be read (listed in ``shards_failed``).
+SHARD_FAILURES = ("not_a_tar", "shard_unreadable")
 
 _BLOCK = 512
 _REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
@@ -76,11 +84,24 @@ class SkipSample(Exception):
         self.detail = detail
 
 
+_warned: set[tuple[str, str]] = set()  # (reason, where) already logged by this process
+
+
 def warn_skip(counts: dict[str, int], reason: str, where: str, detail: str) -> None:
-    """Count one skip and log it as a single warning line."""
+    """Count one skip; log it as a single warning line the first time this process
+    skips ``where`` (``shard`` or ``shard:member``) for ``reason``.
+
+    Every epoch re-reads the same bad members: the count grows each time (it measures
+    lost samples), the log does not repeat itself. One entry per bad member is small
+    even for SA-1B (11M images).
+    """
     counts[reason] = counts.get(reason, 0) + 1
+    if (reason, where) in _warned:
+        return
+    _warned.add((reason, where))
     detail = " ".join(str(detail).split())  # exception texts may span lines
-    logger.warning("skipped %s (%s): %s", where, reason, detail[:300])
+    logger.warning("skipped %s (%s): %s (logged once; every repeat is counted)",
+                   where, reason, detail[:300])
 
 
 # ---------------------------------------------------------------------------- tar stream
@@ -119,17 +140,34 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
+def _check_first_block(header: bytes) -> None:
+    """Raise ``not_a_tar`` unless a file's first 512 bytes are a tar header (or the
+    all-zero end block of an empty archive): one reason for "not a tar" whatever the
+    file's size, instead of ``truncated_tar`` when small and ``corrupt_tar`` when large."""
+    if len(header) == _BLOCK and header.count(0) == _BLOCK:
+        return
+    try:
+        if len(header) < _BLOCK:
+            raise tarfile.HeaderError("shorter than one tar header")
+        tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as err:
+        raise SkipSample("not_a_tar", f"the file does not start with a tar header ({err})") from err
+
+
 def iter_tar_members(fileobj: IO[bytes], offset: int = 0,
                      want: Callable[[str], bool] = lambda name: True) -> Iterator[TarMember]:
     """Yield the regular files of a tar stream that starts (or resumes) at ``offset``.
 
     Handles ustar, GNU long names and pax ``path``/``size``. Data of members that
     ``want`` rejects is read and dropped (``b""``). Raises SkipSample with reason
-    ``truncated_member``, ``truncated_tar`` or ``corrupt_tar``; I/O errors propagate.
+    ``not_a_tar`` (the first block of the file is not a tar header), ``truncated_member``,
+    ``truncated_tar`` or ``corrupt_tar``; I/O errors propagate.
     """
     pos, start, long_name, pax = offset, None, None, {}
     while True:
         header = _read_exact(fileobj, _BLOCK)
+        if pos == 0:
+            _check_first_block(header)
         if len(header) < _BLOCK:
             raise SkipSample("truncated_tar", f"archive ends at byte {pos + len(header)} "
                              "without an end-of-archive block")
@@ -250,15 +288,18 @@ def iter_shard(url: str, offset: int = 0, retries: int = 3,
     Opening, and reading after an I/O error (reopened at the failed member), is
     retried up to ``retries`` times per shard with exponential backoff
     (``backoff_s · 2^k``); then one ``shard_unreadable`` Skip ends the shard. A missing
-    file is not retried. :class:`trainer.storage.StorageError` (bad URL, missing
-    credentials) is a configuration error and propagates.
+    file, or a :class:`trainer.storage.StorageError` (bad URL, missing credentials), is
+    not retried: it is a ``shard_unreadable`` Skip at once. Nothing here is fatal: shard
+    lists are validated at start (:mod:`trainer.data.shards`), and a shard that breaks
+    later must not stop a run, nor every resume of it at the same step.
     """
     grouper, failures = _PairGrouper(url), 0
     while True:
         try:
             fileobj = _open_at(url, offset)
-        except StorageError:
-            raise
+        except StorageError as err:
+            yield Skip("shard_unreadable", url, str(err))
+            return
         except FileNotFoundError as err:
             yield Skip("shard_unreadable", url, f"not found: {err}")
             return
@@ -361,13 +402,15 @@ def decode_sample(pair: RawPair, cfg: DataConfig, epoch: int) -> Sample:
         height, width = jpeg_size(pair.jpg)
     except ValueError as err:
         raise SkipSample("corrupt_jpeg", str(err)) from err
+    # Every annotation, not only the sampled ones: a size disagreeing with the image means
+    # the JSON belongs to another image (or is broken), whichever masks this epoch draws.
+    for ann in annotations:
+        if [int(v) for v in ann["segmentation"]["size"]] != [height, width]:
+            raise SkipSample("rle_size_mismatch", f"annotation {ann.get('id', '?')}: RLE size "
+                             f"{ann['segmentation']['size']} but the JPEG is {height}×{width}")
     rng = sample_rng(cfg.seed, epoch, image_id)
     chosen = select_annotations(annotations, height, width, cfg.max_mask_area_frac,
                                 cfg.max_masks_per_image, rng)
-    for ann in chosen:
-        if [int(v) for v in ann["segmentation"]["size"]] != [height, width]:
-            raise SkipSample("rle_size_mismatch", f"RLE size {ann['segmentation']['size']} "
-                             f"but the JPEG is {height}×{width}")
     flip = (cfg.lsj or cfg.hflip) and bool(rng.random() < 0.5)
     geo = plan_geometry(height, width, cfg.img_size, rng, cfg.lsj_scale if cfg.lsj else None, flip)
     target = (geo.resized_h, geo.resized_w) if cfg.jpeg_dct_downscale else None

@@ -188,15 +188,42 @@ def load_sam_state_dict(model: Sam, state_dict: dict[str, torch.Tensor], variant
     model.load_state_dict(state_dict, strict=True)
 
 
+#: The three ways to initialise the image encoder (``ModelConfig.encoder_init``).
+ENCODER_INITS = ("mae", "sam", "random")
+#: ``model.encoder_init`` of the paper presets: no default is the paper's recipe without a
+#: checkpoint we cannot ship, so ``trainer.presets.Config.validate`` demands a choice.
+REQUIRED_ENCODER_INIT = "<required: mae | sam | random>"
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The ``model`` section of the training config."""
+    """The ``model`` section of the training config.
+
+    Image-encoder initialisation is one choice, ``encoder_init``, plus the URL it needs
+    (SAM_RECIPE.md §1 "init": the paper starts from an MAE-pretrained ViT; §5 the mapping):
+
+    - ``"mae"``: ``mae_checkpoint`` is a facebookresearch/mae pretrain checkpoint
+      (``mae_pretrain_vit_{base,large,huge}.pth``, timm layout); the encoder is initialised
+      from it, the prompt encoder and decoder start random. The paper's recipe.
+    - ``"sam"``: ``init_checkpoint`` is an official SAM ``.pth`` or one of our checkpoints;
+      the whole model starts from it (fine-tuning).
+    - ``"random"``: no checkpoint. For a paper variant this logs a WARNING at build time:
+      with layer decay 0.8 the first blocks of a random ViT-H train at ~lr·0.8^33 ≈ 5e-7.
+
+    The paper presets default to :data:`REQUIRED_ENCODER_INIT`, which config loading
+    rejects (exit 2) naming the three choices; ``tiny_cpu`` and the section default are
+    ``"random"`` (logged at INFO for ``tiny``). A URL that the choice does not use is an
+    error, not silently ignored.
+    """
 
     #: SAM size: tiny, vit_b, vit_l, vit_h.
     variant: str = "tiny"
-    #: Start from an official SAM .pth or one of our checkpoints (URL or path); "" = none.
+    #: Image-encoder initialisation: mae (from mae_checkpoint), sam (from init_checkpoint)
+    #: or random (warns for vit_b/l/h). The paper presets require it to be set.
+    encoder_init: str = "random"
+    #: Official SAM .pth or one of our checkpoints (URL or path); used iff encoder_init = "sam".
     init_checkpoint: str = ""
-    #: Initialise the image encoder from a facebookresearch/mae pretrain checkpoint; "" = none.
+    #: facebookresearch/mae pretrain checkpoint (URL or path); used iff encoder_init = "mae".
     mae_checkpoint: str = ""
     #: Stochastic depth rate; negative = the variant's recipe value (0.4 H/L, 0.6 B).
     drop_path_rate: float = -1.0
@@ -211,10 +238,26 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: unknown {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        self._check_encoder_init()
         if self.drop_path_rate >= 1.0:
             raise ValueError(f"drop_path_rate: must be < 1, got {self.drop_path_rate}")
         if self.decoder_dropout >= 1.0:
             raise ValueError(f"decoder_dropout: must be < 1, got {self.decoder_dropout}")
+
+    def _check_encoder_init(self) -> None:
+        """``encoder_init`` is a known choice and exactly its URL field is set."""
+        if self.encoder_init == REQUIRED_ENCODER_INIT:
+            return  # a preset's marker: Config.validate rejects it with the full explanation
+        if self.encoder_init not in ENCODER_INITS:
+            raise ValueError(f"encoder_init: must be one of {ENCODER_INITS}, got {self.encoder_init!r}")
+        needs = {"mae": "mae_checkpoint", "sam": "init_checkpoint"}.get(self.encoder_init)
+        for name in ("mae_checkpoint", "init_checkpoint"):
+            if name == needs and not getattr(self, name):
+                raise ValueError(f"{name}: required by encoder_init={self.encoder_init!r} (a URL or path)")
+            if name != needs and getattr(self, name):
+                wanted = "mae" if name == "mae_checkpoint" else "sam"
+                raise ValueError(f"{name}: set, but encoder_init={self.encoder_init!r} does not use it; "
+                                 f"set encoder_init={wanted!r} or clear {name}")
 
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {"activation_checkpointing": self.activation_checkpointing, "pe_seed": self.pe_seed}
@@ -225,11 +268,34 @@ class ModelConfig:
         return out
 
 
+def encoder_init_required_message() -> str:
+    """The config error for a paper preset without ``model.encoder_init`` (names all choices)."""
+    return ("model.encoder_init: required for the paper presets; choose one of: "
+            "'mae' with model.mae_checkpoint=<url>/mae_pretrain_vit_{base,large,huge}.pth (the paper's "
+            "MAE-pretrained encoder), 'sam' with model.init_checkpoint=<url>/sam_vit_*.pth (fine-tune "
+            "an official SAM checkpoint), or 'random' (from scratch; not the paper's recipe, logs a warning)")
+
+
 def build_model(cfg: ModelConfig) -> Sam:
-    """Build the model of a training config, with optional SAM or MAE initialisation."""
+    """Build the model of a training config, initialised as ``cfg.encoder_init`` says.
+
+    Raises:
+        ValueError: ``encoder_init`` is still a preset's required marker.
+    """
+    if cfg.encoder_init == REQUIRED_ENCODER_INIT:
+        raise ValueError(encoder_init_required_message())
     model = build_sam(cfg.variant, checkpoint=cfg.init_checkpoint or None, **cfg.overrides())
-    if cfg.mae_checkpoint:
+    if cfg.encoder_init == "mae":
         from .mae import load_mae_checkpoint
 
         load_mae_checkpoint(model.image_encoder, cfg.mae_checkpoint, variant=cfg.variant)
+    elif cfg.encoder_init == "sam":
+        log.info("model.encoder_init=sam: whole model initialised from %s", cfg.init_checkpoint)
+    elif cfg.variant == "tiny":
+        log.info("model.encoder_init=random: the tiny model starts from random weights")
+    else:
+        log.warning("model.encoder_init=random: the %s image encoder starts from random weights, not the "
+                    "paper's MAE initialisation (SAM_RECIPE.md §1); with layer-wise lr decay its first "
+                    "blocks barely train. Set model.encoder_init=mae and model.mae_checkpoint for the "
+                    "paper's recipe", cfg.variant)
     return model
