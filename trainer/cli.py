@@ -148,7 +148,8 @@ def _config(argv: list[str]) -> int:
     is printed as it is, with the problem in the header and on stderr, and exit 0: the
     printout is how to see what is missing (sam-train train exits 2 on it).
     """
-    from trainer.config import add_config_arguments, dump_toml_documented, exit_on_config_error, resolve_config
+    from trainer.config import add_config_arguments, exit_on_config_error, resolve_config
+    from trainer.config_docs import dump_toml_documented
     from trainer.presets import PRESETS, Config
 
     parser = argparse.ArgumentParser(prog="sam-train config", description=inspect.cleandoc(_config.__doc__ or ""),

@@ -124,6 +124,9 @@ class TrainRun:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        # Cheap start-up checks first (shard list, then where the run writes), so a bad
+        # setting fails in seconds with one line, before a ViT-H is built or a dir made.
+        self.loader = build_loader(cfg.data, info.rank, info.world_size)
         ckpt_url = cfg.checkpoint.resolve_url(cfg.train.run_dir)
         check_run_locations({"train.run_dir": cfg.train.run_dir, "checkpoint.url": ckpt_url}, info.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -141,7 +144,6 @@ class TrainRun:
             )
         self.optimizer = build_optimizer(self.sam, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        self.loader = build_loader(cfg.data, info.rank, info.world_size)
         self.ckpt = CheckpointManager(ckpt_url,
                                       keep_last=cfg.checkpoint.keep_last, is_main=info.is_main,
                                       fresh_if_unusable=cfg.checkpoint.fresh_if_unusable)

@@ -23,7 +23,7 @@ from trainer import engine
 from trainer.config import ConfigError, load_config
 from trainer.presets import PRESETS, Config
 
-from .helpers import FAST, metrics, overrides, run, torchrun_cmd, train_env
+from .helpers import FAST, metrics, overrides, run, train_env
 
 
 @pytest.fixture

@@ -60,7 +60,8 @@ def test_config_bad_key_exits_2_naming_it(capsys) -> None:
 
 
 def test_config_sections_are_documented_in_the_docstring_style_they_use() -> None:
-    from trainer.config import TrainConfig, field_docs
+    from trainer.config import TrainConfig
+    from trainer.config_docs import field_docs
     from trainer.data.config import DataConfig
     from trainer.model.build import ModelConfig
 
@@ -105,11 +106,7 @@ def parser_of(command: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Argumen
     return caught[0]
 
 
-@pytest.mark.parametrize("command", [
-    *(name for name in cli.COMMANDS if name != "synth"),
-    pytest.param("synth", marks=pytest.mark.xfail(
-        strict=True, reason="trainer/data/synth.py (not the CLI's file): --seed has no help, defaults hidden")),
-])
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_option_has_help_and_shows_its_default(command: str, monkeypatch) -> None:
     parser = parser_of(command, monkeypatch)
     formatter = parser._get_formatter()

@@ -26,7 +26,6 @@ per-epoch split per slot read some shards twice as often as others.)
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -235,12 +235,13 @@ def write_synthetic_shards(out_url: str, num_images: int, num_shards: int, seed:
 def main(argv: list[str] | None = None) -> int:
     """CLI: write synthetic SA-1B shards and print where they went."""
     parser = argparse.ArgumentParser(
-        prog="sam-train synth", description="Write synthetic SA-1B-format tar shards.")
+        prog="sam-train synth", description="Write synthetic SA-1B-format tar shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True,
                         help="output folder URL (path, file://, gs://, ...)")
     parser.add_argument("--images", type=int, default=64, help="number of images")
     parser.add_argument("--shards", type=int, default=4, help="number of tar shards")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same shards)")
     parser.add_argument("--min-side", type=int, default=192, help="smallest image side, px")
     parser.add_argument("--max-side", type=int, default=384, help="largest image side, px")
     parser.add_argument("--min-masks", type=int, default=4, help="fewest shapes per image")
