@@ -106,6 +106,21 @@ def _stored_name(name: str, meta: Mapping[str, Any]) -> str:
     return str(meta.get("file", name))
 
 
+def stored_file_url(step_url: str, name: str) -> str:
+    """URL of file ``name`` (e.g. ``model.pt``) of the step dir at ``step_url``.
+
+    A re-saved step keeps its files under generation names that only its ``COMPLETE``
+    manifest knows (see the module docstring); without a readable marker, ``name`` itself.
+    """
+    fs, path = url_to_fs(step_url)
+    try:
+        with fs.open(f"{path.rstrip('/')}/{MARKER}", "rb") as f:
+            meta = json.loads(f.read())["files"][name]
+        return join_url(step_url, _stored_name(name, meta))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return join_url(step_url, name)
+
+
 class _HashingWriter:
     """A write-only file wrapper that counts bytes and hashes them on the way through."""
 

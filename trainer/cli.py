@@ -85,10 +85,11 @@ def _demo(argv: list[str]) -> int:
 def resolve_weights(url: str) -> str:
     """A checkpoint root (newest complete step), a step dir, or a weights file -> loadable URL."""
     from trainer import storage
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint import MARKER, CheckpointManager
 
     fs, path = storage.url_to_fs(url)
-    if fs.isdir(path) and not fs.exists(f"{path}/model.pt"):
+    is_step_dir = fs.exists(f"{path}/model.pt") or fs.exists(f"{path}/{MARKER}")
+    if fs.isdir(path) and not is_step_dir:
         step = CheckpointManager(url, keep_last=0, is_main=False).latest_complete()
         if step is None:
             raise SystemExit(f"error: no complete checkpoint under {url}")

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import tomllib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -106,6 +105,7 @@ def test_update_to_nonfinite_weights_exits_3_and_never_checkpoints_them(
 def _poisoned_rank(rank: int, port: int, shards: str, run_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
     if rank == 1:  # one rank alone goes wrong: all must stop with exit 3 together
         poison_weights_on_update(2)
     code = engine.train(config(shards, Path(run_dir), "optim.max_iters=4", "checkpoint.every=1"))
@@ -116,10 +116,10 @@ def test_two_ranks_nonfinite_weights_exit_3_not_replicas_differ(shards: str, tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with warnings.catch_warnings():  # fork: see tests/unit/test_dist.py
-        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-        mp.start_processes(_poisoned_rank, args=(port, shards, str(tmp_path)), nprocs=2, join=True,
-                           start_method="fork")
+    # spawn, not fork: this pytest process has run in-process training already, and a
+    # child forked from a process whose OpenMP pool is started can deadlock in it.
+    mp.start_processes(_poisoned_rank, args=(port, shards, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
     assert [(tmp_path / f"exit{r}").read_text() for r in range(2)] == ["3", "3"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
 

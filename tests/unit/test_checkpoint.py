@@ -310,3 +310,18 @@ def test_manifest_with_stored_names_survives_format_one_readers() -> None:
     assert manager.problem(4) is None
     _truncate(manager, 4, manifest["files"]["model.pt"]["file"])
     assert "truncated" in manager.problem(4)
+
+
+def test_weights_of_a_resaved_step_are_found_by_readers(tmp_path: Path) -> None:
+    """Export/eval/init read a step dir's model through its manifest, also after a re-save."""
+    from trainer.cli import resolve_weights
+    from trainer.model import read_state_dict
+
+    root = f"file://{tmp_path}/ckpt"
+    manager = CheckpointManager(root)
+    manager.save(3, make_state(3))
+    manager.save(3, make_state(5))  # re-save: files under generation names
+    assert not (tmp_path / "ckpt" / step_dirname(3) / "model.pt").exists()
+    for url in (root, manager.step_url(3)):
+        weights = read_state_dict(resolve_weights(url))
+        assert float(weights["weight"].mean()) == pytest.approx(5.0, abs=0.01)  # the new copy

@@ -41,7 +41,9 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     dict holding them under ``model``, or a checkpoint step directory with ``model.pt``."""
     fs, path = storage.url_to_fs(url)
     if fs.isdir(path):
-        url = storage.join_url(url, "model.pt")
+        from trainer.checkpoint import stored_file_url  # a step dir: its manifest names the file
+
+        url = stored_file_url(url, "model.pt")
     obj = _load_bytes(url)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
