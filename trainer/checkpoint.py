@@ -270,6 +270,8 @@ class CheckpointManager:
                 raise ValueError("manifest does not describe this step")
         except FileNotFoundError:
             raise CheckpointError("no COMPLETE marker (save interrupted?)") from None
+        except NotADirectoryError:
+            raise CheckpointError("not a directory") from None
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"unreadable COMPLETE marker: {err}") from err
         return manifest
@@ -284,6 +286,8 @@ class CheckpointManager:
             return str(err)
         except FileNotFoundError:
             return "step dir vanished"
+        except NotADirectoryError:
+            return "not a directory"
         for name, meta in manifest["files"].items():
             stored = _stored_name(name, meta)
             if stored not in sizes:

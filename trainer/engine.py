@@ -27,7 +27,7 @@ from trainer import dist
 from trainer.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from trainer.config import ConfigError, dump_toml
 from trainer.presets import Config
-from trainer.data import Batch, build_loader
+from trainer.data import Batch, build_loader, list_shards
 from trainer.evaluate import EvalResult, eval_data_config, evaluate_shards
 from trainer.interactive import simulate_interaction
 from trainer.loss import LossConfig, num_masks_across_ranks, sam_loss
@@ -127,6 +127,8 @@ class TrainRun:
         # Cheap start-up checks first (shard list, then where the run writes), so a bad
         # setting fails in seconds with one line, before a ViT-H is built or a dir made.
         self.loader = build_loader(cfg.data, info.rank, info.world_size)
+        if cfg.eval.shards and info.is_main:  # evaluated by rank 0 only; checked now, not after training
+            list_shards(cfg.eval.shards, "eval.shards")
         ckpt_url = cfg.checkpoint.resolve_url(cfg.train.run_dir)
         check_run_locations({"train.run_dir": cfg.train.run_dir, "checkpoint.url": ckpt_url}, info.is_main)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -151,6 +153,7 @@ class TrainRun:
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self.timer = StepTimer(profile, self.device)
         self.step = 0
+        self.already_finished = False  # resumed at max_iters: nothing may be written
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
 
@@ -393,6 +396,7 @@ class TrainRun:
         resumed = self.resume()
         cfg, max_iters = self.cfg, self.cfg.optim.max_iters  # after resume: the config in effect
         if resumed and self.step >= max_iters:
+            self.already_finished = True
             log.info("checkpoint step %d already reaches optim.max_iters=%d: training is finished, nothing "
                      "to do (raise optim.max_iters to train on)", self.step, max_iters)
             return dist.ExitCode.OK
@@ -454,6 +458,6 @@ def train(cfg: Config, profile: bool = False) -> int:
         log.error("%s", err)
         return dist.ExitCode.NONFINITE
     finally:
-        if run is not None:  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
-            run.metrics.close()
+        if run is not None and not run.already_finished:
+            run.metrics.close()  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
         dist.destroy()

@@ -197,7 +197,8 @@ def noisy_boxes(
 
     SAM's noise is Gaussian; SAM2's uniform ±bound is a different choice (recipe
     "Discrepancies" 7). Coordinates are clamped to the image, ``[0, w] × [0, h]``: the
-    unpadded size per row when given, so a box never reaches into the padding (the
+    unpadded size per row when given (corners are inclusive pixel indices, so at most
+    ``w - 1``, ``h - 1``), so a box never reaches into the padding (the
     paper is silent). Corners are not re-sorted: a flipped box is rare at these noise
     levels and still a valid, if odd, prompt.
 
@@ -210,10 +211,10 @@ def noisy_boxes(
     """
     if isinstance(image_hw, torch.Tensor):
         hw = image_hw.to(device=boxes.device, dtype=boxes.dtype)
-        upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1)  # N×4
+        upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1) - 1  # N×4, last pixel
     else:
         h, w = image_hw
-        upper = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        upper = torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype, device=boxes.device)
     width = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
     height = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
     side = torch.stack([width, height, width, height], dim=1)

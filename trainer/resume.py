@@ -80,7 +80,8 @@ def reconcile_config(cfg: Config, saved_toml: str, step: int, warn: bool = True)
     Args:
         cfg: the config this process was started with.
         saved_toml: the checkpoint's ``config.toml`` ("" for none: nothing to compare).
-        step: the resumed step (for the messages).
+        step: the resumed step, i.e. steps already done (messages name ``step + 1``, the
+            first step the change affects, as the progress lines number it).
         warn: log one WARNING per changed setting (rank 0 passes True).
 
     Raises:
@@ -111,7 +112,8 @@ def reconcile_config(cfg: Config, saved_toml: str, step: int, warn: bool = True)
                             "at step %d; the config keeps %r", key, old, new, step, old)
         elif warn:
             note = " (the data order restarts if the position no longer fits)" if key.startswith("data.") else ""
-            log.warning("%s changed on resume (%r -> %r): in effect from step %d%s", key, old, new, step, note)
+            log.warning("%s changed on resume (%r -> %r): in effect from step %d%s", key, old, new, step + 1,
+                        note)
     try:
         return _replace(cfg, kept)
     except ValueError as err:  # the checkpoint's values no longer validate in this version

@@ -46,13 +46,13 @@ def test_finished_run_restarted_exits_0_and_rewrites_nothing(shards: str, tmp_pa
                                                              capfd: pytest.CaptureFixture) -> None:
     cfg = config(shards, tmp_path, "optim.max_iters=3", "checkpoint.every=0")
     assert engine.train(cfg) == 0
-    before = tree_digest(tmp_path / "checkpoints")
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
+    before = tree_digest(tmp_path)
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     capfd.readouterr()
     assert engine.train(cfg) == 0  # the engine's logging setup writes to stderr
     assert "already reaches optim.max_iters=3" in capfd.readouterr().err
-    assert tree_digest(tmp_path / "checkpoints") == before
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")} == mtimes
+    assert tree_digest(tmp_path) == before  # checkpoints, metrics.jsonl, loss_curve.png
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes
 
 
 def test_sigterm_during_last_step_finishes_with_exit_0(shards: str, tmp_path: Path, single_process,
@@ -150,7 +150,7 @@ def test_settings_changed_on_resume_are_applied_or_kept_and_recorded_as_in_effec
     capfd.readouterr()
     assert engine.train(resumed) == 0
     err = capfd.readouterr().err
-    assert "optim.lr changed on resume (0.001 -> 0.0003): in effect from step 2" in err
+    assert "optim.lr changed on resume (0.001 -> 0.0003): in effect from step 3" in err
     assert "optim.max_iters changed on resume (2 -> 4)" in err
     assert "model.pe_seed changed on resume (0 -> 7): ignored" in err
     lrs = {r["step"]: r["lr"] for r in metrics(tmp_path) if "lr" in r}
@@ -166,16 +166,21 @@ def test_settings_changed_on_resume_are_applied_or_kept_and_recorded_as_in_effec
                             "data.img_size=1024"))
 
 
-@pytest.mark.parametrize("make_dir, setting", [
-    (lambda tmp: tmp / "afile" / "run", "train.run_dir"),
-    (lambda tmp: "bogus://bucket/run", "train.run_dir"),
+@pytest.mark.parametrize("setting, value, message", [
+    ("train.run_dir", "{tmp}/afile/run", "train.run_dir: cannot write"),
+    ("train.run_dir", "bogus://bucket/run", "train.run_dir: cannot write"),
+    ("checkpoint.url", "{tmp}/afile/ckpt", "checkpoint.url: cannot write"),
+    ("eval.shards", "{tmp}/nothing_*.tar", "eval.shards: "),  # found at start, not after training
 ])
-def test_unusable_run_dir_is_one_line_exit_2(shards: str, tmp_path: Path, make_dir, setting: str) -> None:
+def test_unusable_locations_are_one_line_exit_2_at_start(shards: str, tmp_path: Path, setting: str,
+                                                         value: str, message: str) -> None:
     (tmp_path / "afile").write_text("a regular file where a directory should be")
-    cmd = ["python", "-m", "trainer.train", "--config", "tiny_cpu", *overrides(shards, make_dir(tmp_path), "checkpoint.every=0")]
+    cmd = ["python", "-m", "trainer.train", "--config", "tiny_cpu",
+           *overrides(shards, tmp_path / "run", "checkpoint.every=0", f"{setting}={value.format(tmp=tmp_path)}")]
     proc = run(cmd, env=train_env())
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and f"{setting}: cannot write" in proc.stderr
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert "step 1/" not in proc.stderr  # nothing trained
 
 
 def test_grad_norm_before_clipping_is_reported_with_and_without_clipping(
@@ -189,3 +194,14 @@ def test_grad_norm_before_clipping_is_reported_with_and_without_clipping(
     assert "grad norm" in capfd.readouterr().err  # in the progress line
     assert len(norms["0"]) == 2 and all(n > 1e-6 for n in norms["0"])
     assert norms["1e-6"][0] == pytest.approx(norms["0"][0])  # before clipping, not after
+
+
+def test_step_dir_that_is_a_file_is_reported_not_a_traceback(shards: str, tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/step-00000002").write_text("not a directory")
+    (tmp_path / "checkpoints/step-00000004").mkdir()  # a second unusable one: refuse, naming both
+    cmd = ["python", "-m", "trainer.train", "--config", "tiny_cpu",
+           *overrides(shards, tmp_path, "optim.max_iters=2", "optim.milestones=", "checkpoint.every=0")]
+    proc = run(cmd)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "step-00000002: not a directory" in proc.stderr and "Traceback" not in proc.stderr

@@ -88,3 +88,8 @@ def test_missing_remote_shard_past_the_first_is_skipped_at_run_time(gcs_server: 
     assert len(next(iter(loader)).image_ids) == 3  # 2 images, the missing shard, 1 again
     assert loader.skip_counts()["shard_unreadable"] == 1
     assert loader.shards_failed == [missing]
+
+
+def test_a_directory_is_not_a_shard(good: Path) -> None:
+    message = _error(str(good))  # passing the folder instead of a glob of its tars
+    assert "is a directory, not a tar shard" in message and str(good) in message

@@ -207,9 +207,12 @@ def test_torchrun_wrapper_keeps_worker_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == ExitCode.PREEMPTED, proc.stderr[-2000:]
 
 
-def test_torchrun_wrapper_sigterm_is_retryable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker_code, pod_code", [(143, 143), (0, 0), (3, 3)])
+def test_torchrun_wrapper_sigterm_is_retryable(tmp_path: Path, worker_code: int, pod_code: int) -> None:
     # A pod being preempted: kubelet SIGTERMs the container's main process (the agent),
-    # which forwards it to the workers; they checkpoint and exit, and the pod must exit 143.
+    # which forwards it to the workers; they checkpoint and exit 143, and the pod must exit
+    # 143. Workers that finished anyway (the signal came in the last step) exit 0, and so
+    # must the pod; a permanent worker code stays permanent.
     script = tmp_path / "w.py"
     script.write_text(
         "import os, signal, sys, time, pathlib\n"
@@ -217,7 +220,7 @@ def test_torchrun_wrapper_sigterm_is_retryable(tmp_path: Path) -> None:
         "signal.signal(signal.SIGTERM, lambda *a: stop.append(1))\n"
         f"pathlib.Path({str(tmp_path)!r}, 'ready' + os.environ['RANK']).touch()\n"
         "while not stop: time.sleep(0.02)\n"
-        "sys.exit(143)\n"
+        f"sys.exit({worker_code})\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.dist", "--standalone", "--nproc_per_node=2",
@@ -234,7 +237,7 @@ def test_torchrun_wrapper_sigterm_is_retryable(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == ExitCode.PREEMPTED, out[-2000:]
+    assert proc.returncode == pod_code, out[-2000:]
 
 
 @pytest.mark.parametrize("code, attempts", [(2, 1), (3, 1), (1, 3), (143, 3)])

@@ -260,8 +260,9 @@ def test_noisy_boxes_clamped_to_each_image() -> None:
     hw = torch.tensor([[60, 100], [100, 60]]).repeat(500, 1)
     noisy = noisy_boxes(boxes, hw, PromptConfig(), gen(3))
     assert (noisy >= 0).all()
-    assert (noisy[:, [0, 2]] <= hw[:, 1:2]).all() and (noisy[:, [1, 3]] <= hw[:, 0:1]).all()
-    assert (noisy[0::2, 2] == 100.0).any() and (noisy[1::2, 3] == 100.0).any()  # clamps were reached
+    # Corners are inclusive pixel indices: at most the last pixel, w - 1 and h - 1.
+    assert (noisy[:, [0, 2]] <= hw[:, 1:2] - 1).all() and (noisy[:, [1, 3]] <= hw[:, 0:1] - 1).all()
+    assert (noisy[0::2, 2] == 99.0).any() and (noisy[1::2, 3] == 99.0).any()  # clamps were reached
 
 
 # ------------------------------------------------------- box rule: single vs multi-mask (point 16)

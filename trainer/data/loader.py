@@ -5,7 +5,9 @@ indices, each epoch a seeded permutation of all shards (the same on every rank),
 round-robin to all ``world_size × num_workers`` slots; slot ``rank · num_workers +
 worker`` reads positions ``slot, slot + S, slot + 2S, ...``. So every shard is read the
 same number of times to within one over a run, for any shard count, world size and
-worker count (a per-(rank, worker) split of each epoch would read some shards 2-4× as
+worker count, as long as the slots advance through the sequence together, i.e. when
+shards hold equally many images (SA-1B's tars nearly do; with very unequal shards the
+spread grows by the slots' lag) (a per-(rank, worker) split of each epoch would read some shards 2-4× as
 often when the count does not divide). Fewer shards than slots is allowed: a shard is
 then read by several slots in the same round, in different epochs. Within a shard,
 images come in stored order; a worker streams forever (training runs by iteration

@@ -151,8 +151,12 @@ def validate_shards(entries: Sequence[ShardEntry], setting: str) -> None:
             continue  # just listed, so it exists and its bucket is reachable
         fs = protocols[protocol]
         if protocol in _CHEAP_PROTOCOLS:
-            if not fs.exists(url_to_fs(entry.url)[1]):  # type: ignore[attr-defined]
+            path = url_to_fs(entry.url)[1]
+            if not fs.exists(path):  # type: ignore[attr-defined]
                 raise ShardListError(f"{setting}: {_where(entry)}{entry.url!r} does not exist")
+            if fs.isdir(path):  # type: ignore[attr-defined]
+                raise ShardListError(f"{setting}: {_where(entry)}{entry.url!r} is a directory, not a tar "
+                                     "shard (use a glob such as dir/sa_*.tar)")
             continue
         bucket = entry.url.split("://", 1)[1].split("/", 1)[0]
         if (protocol, bucket) in buckets:
