@@ -26,3 +26,4 @@ bench: install-test
 	$(PYTHON) benchmarks/bench_data.py --small
 	$(PYTHON) benchmarks/bench_prompts.py
 	$(PYTHON) benchmarks/bench_step.py
+	$(PYTHON) benchmarks/bench_metrics.py

@@ -276,6 +276,13 @@ class CheckpointManager:
             raise CheckpointError(f"unreadable COMPLETE marker: {err}") from err
         return manifest
 
+    def created(self, step: int) -> float | None:
+        """Unix time the marker of step ``step`` records, or None when unreadable."""
+        try:
+            return dt.datetime.fromisoformat(self._manifest(step)["created"]).timestamp()
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return None
+
     def problem(self, step: int) -> str | None:
         """Why step dir ``step`` is unusable (by listing and sizes), or None if complete."""
         try:

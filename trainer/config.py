@@ -197,6 +197,37 @@ class LogConfig:
     format: Literal["auto", "text", "json"] = "auto"
 
 
+@dataclass(kw_only=True)
+class MetricsConfig:
+    """Prometheus export (``trainer.prom``); the log and ``metrics.jsonl`` are always on.
+
+    Attributes:
+        port: base HTTP port; the process with ``LOCAL_RANK`` l serves ``/metrics`` on
+            ``port + l``. 0 disables Prometheus export (no socket is opened).
+        addr: address to bind (``0.0.0.0`` in pods so Prometheus can scrape the pod IP).
+        run_name: value of the ``run`` label on every series; empty means the environment
+            variable ``SAM_RUN_NAME``, else the last path component of ``train.run_dir``.
+        peak_tflops: the device's dense bf16 peak per GPU in TFLOP/s for MFU; 0 looks the
+            GPU up in ``trainer.flops.PEAK_BF16_TFLOPS`` (unknown devices, CPUs: no MFU).
+        final_scrape_wait_s: at the end of a run keep serving until one scrape has read the
+            final values, at most this long (0: exit at once; the last values may be lost).
+        gpu: export per-GPU series read from NVML at scrape time.
+    """
+
+    port: int = 0
+    addr: str = "0.0.0.0"
+    run_name: str = ""
+    peak_tflops: float = 0.0
+    final_scrape_wait_s: float = 30.0
+    gpu: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", "must be in 0..65535 (0 disables)", self.port)
+        _check(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 looks the device up)", self.peak_tflops)
+        _check(self.final_scrape_wait_s >= 0, "final_scrape_wait_s", "must be >= 0", self.final_scrape_wait_s)
+        _check(bool(self.addr), "addr", "must not be empty", self.addr)
+
+
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     """Raise the ``ValueError`` form the loader turns into ``section.name: rule, got v``."""
     if not ok:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -28,10 +29,13 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, capture_rng_s
 from trainer.config import ConfigError, dump_toml
 from trainer.presets import Config
 from trainer.data import Batch, build_loader, list_shards
+from trainer.flops import device_peak_flops, flops_for_config, mfu, startup_summary
 from trainer.evaluate import EvalResult, eval_data_config, evaluate_shards
 from trainer.interactive import simulate_interaction
 from trainer.loss import LossConfig, num_masks_across_ranks, sam_loss
-from trainer.metrics import MetricsLogger
+from trainer.metrics import Metrics, MetricsLogger
+from trainer.prom import build_prometheus
+from trainer.timing import StepTimer
 from trainer.model import Sam, build_model
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preflight import check_run_locations
@@ -43,27 +47,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss was non-finite for too many consecutive steps (exit code 3)."""
-
-
-class StepTimer:
-    """Named wall-clock sections of a step; CUDA-synchronised so GPU time is attributed."""
-
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.enabled, self.device = enabled, device
-        self.totals: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
 class SamTrainModel(nn.Module):
@@ -149,13 +132,28 @@ class TrainRun:
         self.ckpt = CheckpointManager(ckpt_url,
                                       keep_last=cfg.checkpoint.keep_last, is_main=info.is_main,
                                       fresh_if_unusable=cfg.checkpoint.fresh_if_unusable)
-        self.metrics = MetricsLogger(cfg.train.run_dir, enabled=info.is_main)
+        gpu = self.device.index if self.device.type == "cuda" else None
+        self.metrics = Metrics(MetricsLogger(cfg.train.run_dir, enabled=info.is_main),
+                               build_prometheus(cfg, info.rank, info.local_rank, info.world_size, gpu, os.environ))
         self.amp_dtype = amp_dtype_for(cfg, self.device)
-        self.timer = StepTimer(profile, self.device)
+        self._setup_flops()
+        # Section times only when something reads them: exact (synchronising) when
+        # profiling, asynchronous CUDA events (read a step later) for Prometheus.
+        self.timer = StepTimer("sync" if profile else "events" if self.metrics.prom else "off", self.device)
         self.step = 0
+        self.last_sections: dict[str, float] = {}
         self.already_finished = False  # resumed at max_iters: nothing may be written
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+
+    def _setup_flops(self) -> None:
+        """Analytic FLOPs per image and the device peak: logged once, exported, used for MFU."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.flops = flops_for_config(self.cfg)
+        self.peak_flops = device_peak_flops(name, self.cfg.metrics.peak_tflops)
+        if self.info.is_main:
+            log.info("%s (device %s)", startup_summary(self.flops, self.peak_flops), name)
+        self.metrics.set_flops({"encoder": self.flops.encoder, "end_to_end": self.flops.total}, self.peak_flops)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -194,6 +192,7 @@ class TrainRun:
         self.nonfinite_total = int(train_state.get("nonfinite_total", 0))
         self._restore_data_and_rng(train_state)
         log.info("resumed from %s (step %d)", self.ckpt.step_url(step), self.step)
+        self.metrics.checkpoint(0.0, self.ckpt.created(step) or time.time())
         return True
 
     def _restore_data_and_rng(self, train_state: dict[str, Any]) -> None:
@@ -233,6 +232,7 @@ class TrainRun:
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; all ranks contribute their state)."""
+        start = time.perf_counter()
         self.check_replicas()
         data_states = dist.all_gather_object(self.loader.state_dict())
         rng_states = dist.all_gather_object(capture_rng_state())
@@ -248,6 +248,7 @@ class TrainRun:
         self.ckpt.save(self.step, state)
         self.metrics.flush()
         dist.barrier()  # nobody runs ahead while rank 0 writes
+        self.metrics.checkpoint(time.perf_counter() - start, time.time())  # every rank: its stall
 
     # ------------------------------------------------------------------ one step
 
@@ -259,12 +260,15 @@ class TrainRun:
         generator = torch.Generator(self.device).manual_seed(seed)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        data_wait, num_images = 0.0, 0
+        data_wait, num_images, num_masks_local = 0.0, 0, 0
         accum = cfg.train.grad_accum
+        step_start = time.perf_counter()
         for micro in range(accum):
             start = time.perf_counter()
             with timer("data_wait"):
-                batch = next(batches).to(self.device, non_blocking=True)
+                cpu_batch = next(batches)
+                num_masks_local += int(cpu_batch.valid.sum())  # on the host: no device sync
+                batch = cpu_batch.to(self.device, non_blocking=True)
             data_wait += time.perf_counter() - start
             num_images += batch.images.shape[0]
             num_masks = num_masks_across_ranks(batch.valid)
@@ -284,8 +288,10 @@ class TrainRun:
         self.step += 1
         out = {f"loss/{k.removeprefix('loss_')}" if k != "loss" else "loss/total": v for k, v in totals.items()}
         out.update({"lr": lr_used, "grad_norm": grad_norm, "data/wait_s": data_wait,
-                    "data/images": num_images, "nonfinite/total": self.nonfinite_total,
-                    "nonfinite/skipped": float(not finite)})
+                    "data/images": num_images, "data/masks": num_masks_local,
+                    "nonfinite/total": self.nonfinite_total, "nonfinite/skipped": float(not finite),
+                    "time/step_s": time.perf_counter() - step_start})
+        self.last_sections = timer.end_step()  # seconds per section (trainer.timing: maybe a step late)
         return out
 
     def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
@@ -361,9 +367,9 @@ class TrainRun:
             miou = result.miou()
             counts = {"eval/masks": result.num_masks, "eval/images": result.num_images,
                       "eval/skipped": sum(result.skips.values())}
-            self.metrics.event(self.step, {f"eval/{k}": v for k, v in miou.items()} | counts,
-                               "eval step %d: " % self.step + ", ".join(f"{k} mIoU {v:.3f}" for k, v in miou.items())
-                               + f" ({result.num_masks} masks in {result.num_images} images)")
+            self.metrics.eval(self.step, miou, counts,
+                              "eval step %d: " % self.step + ", ".join(f"{k} mIoU {v:.3f}" for k, v in miou.items())
+                              + f" ({result.num_masks} masks in {result.num_images} images)")
         dist.barrier()
         return result
 
@@ -378,6 +384,10 @@ class TrainRun:
 
         elapsed = time.perf_counter() - window["start"]
         values["time/images_per_s"] = window["images"] / max(elapsed, 1e-9)
+        if self.peak_flops:  # per device: the window counts images of all ranks
+            per_device = values["time/images_per_s"] / self.info.world_size
+            values["mfu/encoder"] = mfu(per_device, self.flops.encoder, self.peak_flops)
+            values["mfu/end_to_end"] = mfu(per_device, self.flops.total, self.peak_flops)
         values["time/data_share"] = window["wait"] / max(elapsed, 1e-9)
         counts = self.loader.skip_counts()
         summed = dist.sum_over_ranks([counts.get(k, 0) for k in SKIP_REASONS])
@@ -412,6 +422,7 @@ class TrainRun:
         end_eval = cfg.eval.at_end
         while self.step < max_iters:
             values = self.train_step(batches)
+            self.metrics.step(self.step, values, self.last_sections, self.loader.skip_counts(), values["time/step_s"])
             window["images"] += values["data/images"] * self.info.world_size
             window["wait"] += values["data/wait_s"]
             if self.step % cfg.train.log_every == 0 or self.step == max_iters:
@@ -458,6 +469,6 @@ def train(cfg: Config, profile: bool = False) -> int:
         log.error("%s", err)
         return dist.ExitCode.NONFINITE
     finally:
-        if run is not None and not run.already_finished:
-            run.metrics.close()  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
+        if run is not None:  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
+            run.metrics.close(draw=not run.already_finished)
         dist.destroy()

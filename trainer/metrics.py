@@ -170,9 +170,10 @@ class MetricsLogger:
         record = self._record(step, values)
         self._append(record)
         parts = " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items() if k.startswith("loss/"))
-        log.info("step %d/%d | %s | lr %.2e | grad norm %.3g | %.2f img/s | data wait %.0f%% | ETA %s",
+        mfu = f" | MFU {100 * values['mfu/end_to_end']:.1f}%" if "mfu/end_to_end" in values else ""
+        log.info("step %d/%d | %s | lr %.2e | grad norm %.3g | %.2f img/s%s | data wait %.0f%% | ETA %s",
                  step, max_steps, parts, values.get("lr", 0.0), values.get("grad_norm", float("nan")),
-                 values.get("time/images_per_s", 0.0),
+                 values.get("time/images_per_s", 0.0), mfu,
                  100 * values.get("time/data_share", 0.0), format_duration(eta_s),
                  extra={"fields": {**record, "max_steps": max_steps, "eta_s": strict_json_value(eta_s)}})
 
@@ -183,3 +184,53 @@ class MetricsLogger:
         record = self._record(step, values)
         self._append(record)
         log.info("%s", message, extra={"fields": record})
+
+
+class Metrics:
+    """The one interface the training loop calls; it fans out to the sinks.
+
+    Sinks: the log and ``metrics.jsonl`` (:class:`MetricsLogger`, rank 0 only) and, when
+    ``metrics.port`` > 0, Prometheus (``trainer.prom.PrometheusSink``, every rank).
+    Every call is a cheap no-op for a sink that is off.
+    """
+
+    def __init__(self, history: MetricsLogger, prom: Any | None = None) -> None:
+        self.history, self.prom = history, prom
+
+    def step(self, step: int, values: dict[str, float], sections: dict[str, float],
+             skip_counts: dict[str, int], step_seconds: float) -> None:
+        """After every optimizer step, on every rank (counters must see every step)."""
+        if self.prom is not None:
+            self.prom.on_step(step, values, sections, skip_counts, step_seconds)
+
+    def train(self, step: int, max_steps: int, values: dict[str, float], eta_s: float) -> None:
+        """A progress line and ``metrics.jsonl`` record (every ``train.log_every`` steps)."""
+        self.history.train(step, max_steps, values, eta_s)
+
+    def event(self, step: int, values: dict[str, Any], message: str) -> None:
+        self.history.event(step, values, message)
+
+    def eval(self, step: int, miou: dict[str, float], counts: dict[str, Any], message: str) -> None:
+        """An evaluation's mIoU by metric key and its counts (masks, images, skipped)."""
+        self.history.event(step, {f"eval/{k}": v for k, v in miou.items()} | counts, message)
+        if self.prom is not None:
+            self.prom.on_eval(miou)
+
+    def checkpoint(self, seconds: float, timestamp: float) -> None:
+        """A checkpoint was saved in ``seconds`` (0 for the one resumed) at Unix ``timestamp``."""
+        if self.prom is not None:
+            self.prom.on_checkpoint(seconds, timestamp)
+
+    def set_flops(self, flops_per_image: dict[str, float], peak_flops: float | None) -> None:
+        if self.prom is not None:
+            self.prom.set_flops(flops_per_image, peak_flops)
+
+    def flush(self) -> None:
+        self.history.flush()
+
+    def close(self, draw: bool = True) -> None:
+        """End of the run: history upload and loss curve (``draw``), final scrape, port closed."""
+        if draw:
+            self.history.close()
+        if self.prom is not None:
+            self.prom.close()

@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from trainer.config import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
+from trainer.config import CheckpointConfig, EvalConfig, LogConfig, MetricsConfig, TrainConfig
 
 if TYPE_CHECKING:  # the real imports are lazy: these modules import torch
     from trainer.data.config import DataConfig
@@ -46,6 +46,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
         """Cross-section checks (run by the loader after every section validated itself)."""

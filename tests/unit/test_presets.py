@@ -65,6 +65,8 @@ def test_config_keys_are_frozen() -> None:
         "log.format", "log.level",
         "loss.focal_alpha", "loss.focal_gamma", "loss.resolution", "loss.weight_dice", "loss.weight_focal",
         "loss.weight_iou",
+        "metrics.addr", "metrics.final_scrape_wait_s", "metrics.gpu", "metrics.peak_tflops", "metrics.port",
+        "metrics.run_name",
         "model.activation_checkpointing", "model.decoder_dropout", "model.drop_path_rate",
         "model.encoder_init", "model.init_checkpoint", "model.mae_checkpoint", "model.pe_seed", "model.variant",
         "optim.betas", "optim.decay_gamma", "optim.eps", "optim.layer_decay", "optim.lr", "optim.max_iters",
