@@ -180,3 +180,53 @@ def test_disabled_metrics_open_no_socket(tmp_path: Path, monkeypatch: pytest.Mon
     assert run.metrics.prom is None and run.timer.mode == "off"  # nothing timed either
     run.train_step(iter(run.loader))
     assert probes and all(code != 0 for code in probes)
+
+
+class FakeNvml:
+    """A stand-in for ``pynvml`` (no NVIDIA driver exists on CPU CI): fixed readings in
+    NVML's own units, to check the conversions and labels of the collector."""
+
+    NVML_TEMPERATURE_GPU, NVML_CLOCK_SM = 0, 1
+
+    class _Util:
+        gpu = 87
+
+    class _Mem:
+        used, total = 30 * 2**30, 80 * 2**30
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802 - NVML's names
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: str) -> "_Util":  # noqa: N802
+        return self._Util()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> "_Mem":  # noqa: N802
+        return self._Mem()
+
+    def nvmlDeviceGetPowerUsage(self, handle: str) -> int:  # noqa: N802
+        return 412_000  # mW
+
+    def nvmlDeviceGetTemperature(self, handle: str, sensor: int) -> int:  # noqa: N802
+        return 61
+
+    def nvmlDeviceGetClockInfo(self, handle: str, clock: int) -> int:  # noqa: N802
+        return 1980  # MHz
+
+
+def test_nvml_collector_units_and_labels() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from trainer.gpu_stats import NvmlCollector
+
+    registry = CollectorRegistry()
+    registry.register(NvmlCollector(FakeNvml(), 1, LABELS))
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            samples[sample.name] = (sample.value, sample.labels)
+    assert samples["sam_gpu_utilization_ratio"][0] == pytest.approx(0.87)
+    assert samples["sam_gpu_power_watts"][0] == pytest.approx(412.0)
+    assert samples["sam_gpu_sm_clock_hertz"][0] == pytest.approx(1.98e9)
+    assert samples["sam_gpu_memory_total_bytes"][0] == 80 * 2**30
+    assert samples["sam_gpu_temperature_celsius"][0] == 61
+    assert samples["sam_gpu_memory_used_bytes"][1] == {**LABELS, "gpu": "1"}
