@@ -76,6 +76,7 @@ def main() -> None:
         f"data.shards={work}/data/sa_*.tar", f"train.run_dir={work}/run", "data.num_workers=1", "eval.shards=",
         "train.log_every=100000", "checkpoint.every=0", f"metrics.port={port}", "metrics.addr=127.0.0.1",
         "metrics.final_scrape_wait_s=0", f"optim.max_iters={2 * args.pairs + 4}", "optim.milestones=",
+        "optim.warmup_iters=0",
         *args.overrides], PRESETS)
     info = dist.init_distributed(cfg.train.device)
     dist.setup_logging(0, "WARNING")

@@ -29,7 +29,8 @@ RULES_TEST_PATH = FILES_DIR / "prometheus-rules.test.yaml"
 DASHBOARD_PATH = FILES_DIR / "grafana-dashboard.json"
 
 #: Grafana variables the dashboard's expressions may use, and what plain Prometheus gets.
-DASHBOARD_VARIABLES = {"$namespace": ".*", "$run": ".*"}
+#: Grafana's built-in ``$__range`` (the dashboard's time range) becomes a fixed window.
+DASHBOARD_VARIABLES = {"$namespace": ".*", "$run": ".*", "$__range": "1h"}
 
 #: Non-GPU expressions that return data only under a condition a short CPU run may not meet
 #: (GPU-only ones are those that mention ``sam_gpu_``): source -> what they need.

@@ -114,6 +114,9 @@ class TrainRun:
             list_shards(cfg.eval.shards, "eval.shards")
         ckpt_url = cfg.checkpoint.resolve_url(cfg.train.run_dir)
         check_run_locations({"train.run_dir": cfg.train.run_dir, "checkpoint.url": ckpt_url}, info.is_main)
+        gpu = self.device.index if self.device.type == "cuda" else None  # metrics port: bound before the model
+        self.metrics = Metrics(MetricsLogger(cfg.train.run_dir, enabled=info.is_main),
+                               build_prometheus(cfg, info.rank, info.local_rank, info.world_size, gpu, os.environ))
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.sam = build_model(cfg.model).to(self.device)
         if cfg.train.compile:
@@ -132,9 +135,6 @@ class TrainRun:
         self.ckpt = CheckpointManager(ckpt_url,
                                       keep_last=cfg.checkpoint.keep_last, is_main=info.is_main,
                                       fresh_if_unusable=cfg.checkpoint.fresh_if_unusable)
-        gpu = self.device.index if self.device.type == "cuda" else None
-        self.metrics = Metrics(MetricsLogger(cfg.train.run_dir, enabled=info.is_main),
-                               build_prometheus(cfg, info.rank, info.local_rank, info.world_size, gpu, os.environ))
         self.amp_dtype = amp_dtype_for(cfg, self.device)
         self._setup_flops()
         # Section times only when something reads them: exact (synchronising) when
@@ -153,7 +153,9 @@ class TrainRun:
         self.peak_flops = device_peak_flops(name, self.cfg.metrics.peak_tflops)
         if self.info.is_main:
             log.info("%s (device %s)", startup_summary(self.flops, self.peak_flops), name)
-        self.metrics.set_flops({"encoder": self.flops.encoder, "end_to_end": self.flops.total}, self.peak_flops)
+        # MFU counts model FLOPs: what activation checkpointing recomputes is left out.
+        self.metrics.set_flops({"encoder": self.flops.model_encoder, "end_to_end": self.flops.model_total},
+                               self.peak_flops)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -192,7 +194,7 @@ class TrainRun:
         self.nonfinite_total = int(train_state.get("nonfinite_total", 0))
         self._restore_data_and_rng(train_state)
         log.info("resumed from %s (step %d)", self.ckpt.step_url(step), self.step)
-        self.metrics.checkpoint(0.0, self.ckpt.created(step) or time.time())
+        self.metrics.resumed(self.step, self.ckpt.created(step) or time.time(), self.loader.skip_counts())
         return True
 
     def _restore_data_and_rng(self, train_state: dict[str, Any]) -> None:
@@ -386,8 +388,8 @@ class TrainRun:
         values["time/images_per_s"] = window["images"] / max(elapsed, 1e-9)
         if self.peak_flops:  # per device: the window counts images of all ranks
             per_device = values["time/images_per_s"] / self.info.world_size
-            values["mfu/encoder"] = mfu(per_device, self.flops.encoder, self.peak_flops)
-            values["mfu/end_to_end"] = mfu(per_device, self.flops.total, self.peak_flops)
+            values["mfu/encoder"] = mfu(per_device, self.flops.model_encoder, self.peak_flops)
+            values["mfu/end_to_end"] = mfu(per_device, self.flops.model_total, self.peak_flops)
         values["time/data_share"] = window["wait"] / max(elapsed, 1e-9)
         counts = self.loader.skip_counts()
         summed = dist.sum_over_ranks([counts.get(k, 0) for k in SKIP_REASONS])
@@ -459,6 +461,7 @@ def train(cfg: Config, profile: bool = False) -> int:
     info = dist.init_distributed(cfg.train.device)
     dist.setup_logging(info.rank, cfg.log.level, cfg.log.format)
     run: TrainRun | None = None
+    shutdown: dist.GracefulShutdown | None = None
     try:
         run = TrainRun(cfg, info, profile=profile)
         if info.is_main:
@@ -470,5 +473,7 @@ def train(cfg: Config, profile: bool = False) -> int:
         return dist.ExitCode.NONFINITE
     finally:
         if run is not None:  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
-            run.metrics.close(draw=not run.already_finished)
+            # After SIGTERM the grace period is not ours to spend waiting for a scrape.
+            run.metrics.close(draw=not run.already_finished,
+                              final_scrape=shutdown is None or not shutdown.requested)
         dist.destroy()

@@ -257,6 +257,17 @@ class FlopBudget:
     num_rounds: int
 
     @property
+    def model_encoder(self) -> float:
+        """Encoder training FLOPs without recomputation (3× forward): the MFU numerator."""
+        return 3.0 * self.encoder_forward
+
+    @property
+    def model_total(self) -> float:
+        """End-to-end training FLOPs without recomputation: MFU counts model FLOPs, not the
+        hardware's (PaLM's MFU vs HFU), so activation checkpointing does not inflate it."""
+        return 3.0 * (self.encoder_forward + self.decoder_forward)
+
+    @property
     def decoder_per_mask(self) -> float:
         """Training FLOPs of one mask over all its rounds."""
         return self.decoder / max(self.masks_per_image, 1)

@@ -221,6 +221,12 @@ class Metrics:
         if self.prom is not None:
             self.prom.on_checkpoint(seconds, timestamp)
 
+    def resumed(self, step: int, checkpoint_time: float, skip_counts: dict[str, int]) -> None:
+        """Resumed at ``step`` from a checkpoint written at ``checkpoint_time``; the data
+        position brought the run's cumulative ``skip_counts`` back (not new skips)."""
+        if self.prom is not None:
+            self.prom.on_resume(step, checkpoint_time, skip_counts)
+
     def set_flops(self, flops_per_image: dict[str, float], peak_flops: float | None) -> None:
         if self.prom is not None:
             self.prom.set_flops(flops_per_image, peak_flops)
@@ -228,9 +234,13 @@ class Metrics:
     def flush(self) -> None:
         self.history.flush()
 
-    def close(self, draw: bool = True) -> None:
-        """End of the run: history upload and loss curve (``draw``), final scrape, port closed."""
+    def close(self, draw: bool = True, final_scrape: bool = True) -> None:
+        """End of the run: history upload and loss curve (``draw``), final scrape, port closed.
+
+        ``final_scrape=False`` skips waiting for a last scrape: after a shutdown signal the
+        pod's grace period (and torchrun's) must go to the checkpoint, not to metrics.
+        """
         if draw:
             self.history.close()
         if self.prom is not None:
-            self.prom.close()
+            self.prom.close(wait=final_scrape)

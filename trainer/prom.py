@@ -73,6 +73,10 @@ class PrometheusSink:
         self.cfg, self.labels = cfg, dict(labels)
         disable_created_metrics()  # no *_created series: they double the series count for nothing
         self.registry = CollectorRegistry(auto_describe=True)
+        # Registered first, so it is collected first: a scrape that began before the final
+        # update does not count as the scrape that read it.
+        self._clock = _ScrapeClock()
+        self.registry.register(self._clock)
         self._define(skip_reasons)
         self._static["world_size"].set(world_size)
         self._static["max_iters"].set(max_iters)
@@ -82,8 +86,6 @@ class PrometheusSink:
         self._last_update = time.time()
         self._flops: dict[str, float] = {}
         self._peak: float | None = None
-        self._clock = _ScrapeClock()
-        self.registry.register(self._clock)
         if cfg.gpu and gpu_index is not None:
             collector = gpu_collector(gpu_index, self.labels)
             if collector is not None:
@@ -199,9 +201,18 @@ class PrometheusSink:
             self._labelled["eval"](metric=metric).set(value)
         self._last_update = time.time()
 
-    def close(self) -> None:
-        """Wait (bounded) for one scrape after the last update, then stop serving."""
-        deadline = time.monotonic() + self.cfg.final_scrape_wait_s
+    def on_resume(self, step: int, checkpoint_time: float, skip_counts: Mapping[str, int]) -> None:
+        """Resumed at ``step``: the step gauge shows it at once, the resumed checkpoint is the
+        last one, and the restored cumulative skip counts are a baseline, not new skips."""
+        self._static["step"].set(step)
+        self._static["last_checkpoint"].set(checkpoint_time)
+        self._skips_seen = dict(skip_counts)
+        self._last_update = time.time()
+
+    def close(self, wait: bool = True) -> None:
+        """Wait (bounded; not when ``wait`` is False) for one scrape after the last update,
+        then stop serving."""
+        deadline = time.monotonic() + (self.cfg.final_scrape_wait_s if wait else 0.0)
         while self._clock.last <= self._last_update and time.monotonic() < deadline:
             time.sleep(0.05)
         self._server.shutdown()

@@ -230,3 +230,51 @@ def test_nvml_collector_units_and_labels() -> None:
     assert samples["sam_gpu_memory_total_bytes"][0] == 80 * 2**30
     assert samples["sam_gpu_temperature_celsius"][0] == 61
     assert samples["sam_gpu_memory_used_bytes"][1] == {**LABELS, "gpu": "1"}
+
+
+def test_resume_sets_the_step_and_takes_restored_skips_as_a_baseline(sink: PrometheusSink) -> None:
+    sink.on_resume(10, 1_700_000_123.0, {"corrupt_jpeg": 5, "invalid_json": 2})
+    samples = scrape(sink.port)
+    assert value(samples, "sam_train_step") == 10  # not 0 until the first new step
+    assert value(samples, "sam_train_last_checkpoint_timestamp_seconds") == 1_700_000_123.0
+    sink.on_step(11, step_values(2, 4, 1.0), {}, {"corrupt_jpeg": 6, "invalid_json": 2}, 1.0)
+    samples = scrape(sink.port)
+    assert value(samples, "sam_train_data_skipped_total", reason="corrupt_jpeg") == 1  # only the new skip
+    assert value(samples, "sam_train_data_skipped_total", reason="invalid_json") == 0
+
+
+def test_close_without_waiting_returns_at_once(sink: PrometheusSink) -> None:
+    sink.on_step(1, step_values(1, 1, 1.0), {}, {}, 1.0)
+    sink.cfg.final_scrape_wait_s = 30
+    start = time.monotonic()
+    sink.close(wait=False)  # after SIGTERM: the grace period goes to the checkpoint
+    assert time.monotonic() - start < 3
+    sink.close = lambda wait=True: None
+
+
+def test_sigterm_skips_the_final_scrape_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from trainer.data import write_synthetic_shards
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    write_synthetic_shards(str(tmp_path / "data"), num_images=4, num_shards=1, seed=0, min_side=96,
+                           max_side=128, min_masks=2, max_masks=3)
+    original, calls = engine.SamTrainModel.forward, []
+
+    def forward(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a node drain; nobody scrapes this exporter
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.SamTrainModel, "forward", forward)
+    cfg = load_config(Config, "tiny_cpu", [
+        f"data.shards={tmp_path}/data/sa_*.tar", f"train.run_dir={tmp_path}/run", "checkpoint.every=0",
+        "data.batch_size=1", "optim.max_iters=10", "optim.milestones=", "optim.warmup_iters=0",
+        f"metrics.port={free_port()}", "metrics.addr=127.0.0.1", "metrics.final_scrape_wait_s=60"], PRESETS)
+    start = time.monotonic()
+    assert engine.train(cfg) == 143
+    assert time.monotonic() - start < 30  # did not sit out the 60 s wait
