@@ -405,5 +405,7 @@ def startup_summary(budget: FlopBudget, peak: float | None) -> str:
             f"recompute {_tera(budget.recompute)})")
     if peak is None:
         return line + "; MFU not reported: device peak unknown (set metrics.peak_tflops)"
-    return (line + f"; at 1 image/s/GPU: encoder MFU {mfu(1.0, budget.encoder, peak):.2%}, end-to-end MFU "
-            f"{mfu(1.0, budget.total, peak):.2%} of {peak / 1e12:.0f} TFLOP/s bf16")
+    # MFU counts model FLOPs (recomputation excluded), as the exported series do.
+    return (line + f"; at 1 image/s/GPU: encoder MFU {mfu(1.0, budget.model_encoder, peak):.2%}, end-to-end "
+            f"MFU {mfu(1.0, budget.model_total, peak):.2%} of {peak / 1e12:.0f} TFLOP/s bf16 "
+            "(model FLOPs, recompute excluded)")
