@@ -38,7 +38,6 @@ torchrun in-process and exits with the first failed worker's code (see
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import enum
 import json
@@ -49,7 +48,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 import torch
 import torch.distributed as tdist
@@ -409,112 +408,22 @@ class GracefulShutdown:
 
 
 # --------------------------------------------------------------------------- torchrun
-
-
-def exit_code_of(code: int) -> int:
-    """A worker's ``Popen``-style code as a shell exit status (killed by signal N: 128+N)."""
-    return 128 - code if code < 0 else min(code, 255)
-
-
-#: Worker exit codes that no restart can fix: a bad config or launch environment, and a
-#: diverged run (its checkpoint would diverge again). torchrun restarts on any failure.
-PERMANENT_EXIT_CODES = frozenset({ExitCode.CONFIG, ExitCode.NONFINITE})
-
-
-@contextlib.contextmanager
-def _patched_agent(worker_codes: list[int]) -> Iterator[None]:
-    """Two changes to torchrun's agent, in this process while torchrun runs.
-
-    1. Give up at once when a worker exits with a permanent code. The elastic agent
-       restarts the worker group on any failure while ``--max-restarts`` remain;
-       training again after exit 2 or 3 only repeats the failure (and, for 3, rewrites
-       checkpoints). ``SimpleElasticAgent`` has no hook for this, so ``_monitor_workers``
-       is wrapped: a FAILED result with a permanent exit code sets the remaining
-       restarts to 0, and the agent stops the group and returns the failure as usual.
-    2. Remember the workers' exit codes when the agent shuts them down (``_shutdown``,
-       after forwarding a signal and waiting), into ``worker_codes``: torchrun then
-       raises ``SignalException`` without them, and a SIGTERM that arrives during the
-       last step must not turn a finished run (every worker exited 0) into 143.
-    """
-    from torch.distributed.elastic.agent.server.api import WorkerState
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-
-    monitor_orig = getattr(LocalElasticAgent, "_monitor_workers", None)
-    shutdown_orig = getattr(LocalElasticAgent, "_shutdown", None)
-    if monitor_orig is None or shutdown_orig is None:  # a torch without them: torchrun's own behaviour
-        log.warning("torchrun agent has no _monitor_workers/_shutdown: exit codes %s will be restarted",
-                    sorted(int(c) for c in PERMANENT_EXIT_CODES))
-        yield
-        return
-
-    def monitor(self: Any, worker_group: Any) -> Any:
-        result = monitor_orig(self, worker_group)
-        if result.state == WorkerState.FAILED:
-            codes = {f.exitcode for f in result.failures.values()}
-            if codes & PERMANENT_EXIT_CODES and getattr(self, "_remaining_restarts", 0) > 0:
-                log.error("a worker exited with %s (permanent): not restarting",
-                          sorted(int(c) for c in codes & PERMANENT_EXIT_CODES))
-                self._remaining_restarts = 0
-        return result
-
-    def shutdown(self: Any, *args: Any, **kwargs: Any) -> None:
-        pcontext = getattr(self, "_pcontext", None)
-        shutdown_orig(self, *args, **kwargs)
-        handlers = getattr(pcontext, "subprocess_handlers", None) or {}
-        codes = [h.proc.returncode for h in handlers.values()]
-        if codes and None not in codes:
-            worker_codes[:] = codes
-
-    LocalElasticAgent._monitor_workers, LocalElasticAgent._shutdown = monitor, shutdown
-    try:
-        yield
-    finally:
-        LocalElasticAgent._monitor_workers, LocalElasticAgent._shutdown = monitor_orig, shutdown_orig
-
-
-def exit_code_after_signal(sigval: int, worker_codes: Sequence[int]) -> int:
-    """The pod's exit status when torchrun itself got signal ``sigval``.
-
-    0 when every worker had finished successfully (the signal came during the last
-    step), a permanent worker code when one exited with it, else 128+``sigval`` (the
-    workers checkpointed on the forwarded signal: restart me).
-    """
-    codes = [exit_code_of(c) for c in worker_codes]
-    if codes and all(c == ExitCode.OK for c in codes):
-        return ExitCode.OK
-    permanent = [c for c in codes if c in PERMANENT_EXIT_CODES]
-    return permanent[0] if permanent else 128 + int(sigval)
+# The pod command's torchrun wrapper lives in ``trainer.torchrun``; these names stay here
+# because ``python -m trainer.dist`` is the documented entry point.
 
 
 def run_torchrun(argv: Sequence[str]) -> int:
-    """Run torchrun in this process and return the exit status the pod should have.
+    """See :func:`trainer.torchrun.run_torchrun`."""
+    from trainer.torchrun import run_torchrun as run
 
-    Unlike the ``torchrun`` command, which exits 1 for any worker failure, this returns
-    the first failed worker's exit code (so ``ExitCode.PREEMPTED`` reaches the
-    PyTorchJob ``ExitCode`` restart policy), and 128+N when torchrun itself gets signal N
-    (it forwards the signal to the workers and waits for them first), or 0 when every
-    worker finished successfully anyway (:func:`exit_code_after_signal`). Workers that exit
-    with a code of :data:`PERMANENT_EXIT_CODES` are not restarted, whatever
-    ``--max-restarts`` says.
-    """
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    return run(argv)
 
-    worker_codes: list[int] = []
-    try:
-        with _patched_agent(worker_codes):
-            torchrun.run(torchrun.parse_args(list(argv)))
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        code = exit_code_of(failure.exitcode)
-        log.error("worker rank %s failed first with exit code %s", rank, code)
-        return code
-    except SignalException as err:
-        code = exit_code_after_signal(int(err.sigval), worker_codes)
-        log.warning("torchrun received signal %s; workers exited %s: exit %d", int(err.sigval), worker_codes, code)
-        return code
-    return ExitCode.OK
+
+def exit_code_of(code: int) -> int:
+    """See :func:`trainer.torchrun.exit_code_of`."""
+    from trainer.torchrun import exit_code_of as convert
+
+    return convert(code)
 
 
 if __name__ == "__main__":
