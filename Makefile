@@ -5,7 +5,7 @@ PYTHON ?= python3
 # CPU wheel for laptops and CI; GPU images bring their own CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test install-prometheus demo test bench
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -14,6 +14,16 @@ install:
 install-test:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[gcs,s3,test]"
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(MAKE) --no-print-directory install-prometheus
+
+# The monitoring tests run a real Prometheus server and promtool (Debian/Ubuntu package
+# `prometheus`). Installed when apt-get can run as root; elsewhere those tests skip, saying why.
+install-prometheus:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	else \
+	  echo "note: prometheus/promtool not on PATH and apt-get is not usable here: the Prometheus tests will skip"; \
+	fi
 
 demo: install
 	$(PYTHON) -m trainer demo

@@ -16,6 +16,7 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import contextlib
+import shutil
 import socket
 import stat
 import subprocess
@@ -30,6 +31,18 @@ from trainer.model.reference import import_official_sam
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def needs_binary(name: str, package: str) -> pytest.MarkDecorator:
+    """Skip a test where the program ``name`` is not installed, saying which package has it.
+
+    Under CI (``CI`` set, as ``.ci/run`` runs) a missing program is an error instead:
+    ``make test`` installs it there, so a skip would hide a broken install step.
+    """
+    if shutil.which(name) is None and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError(f"CI: `{name}` is not on PATH although `make test` installs it (package {package})")
+    return pytest.mark.skipif(shutil.which(name) is None,
+                              reason=f"needs `{name}` (package {package}; `make test` installs it with apt as root)")
 
 
 @pytest.fixture(scope="session")

@@ -27,13 +27,12 @@ import pytest
 
 from trainer.data import write_synthetic_shards
 
-from ..conftest import free_port
+from ..conftest import free_port, needs_binary
 from ..monitoring_exprs import DATA_NEEDS, all_exprs
 from .helpers import metrics, overrides, run, torchrun_cmd
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs the `prometheus` server binary "
-                                "(Debian package prometheus; .ci/run installs it)")
+pytestmark = needs_binary("prometheus", "prometheus")
 
 
 class Prometheus:

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import needs_binary
 from tests.monitoring_exprs import (
     DASHBOARD_VARIABLES, DATA_NEEDS, RULES_PATH, RULES_TEST_PATH, all_exprs, dashboard_targets, load_dashboard,
     load_rules, metric_names, split_threshold,
 )
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+needs_promtool = needs_binary("promtool", "prometheus")
 
 #: Metric names of the exporter, copied from the issue-8 metrics spec (the contract). A
 #: histogram is selected through its _bucket/_sum/_count series.
