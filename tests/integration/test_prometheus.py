@@ -126,7 +126,9 @@ def scraped_run(prometheus: Prometheus, metrics_port: int, tmp_path_factory: pyt
     start = time.time()
     proc = run(torchrun_cmd(2) + overrides(
         f"{data}/sa_*.tar", run_dir, "optim.max_iters=14", "optim.milestones=", "checkpoint.every=7",
-        f"eval.shards={eval_dir}/sa_*.tar", "eval.every=0", "eval.num_images=2",
+        # Evaluate mid-run, not at the end: after the last step rank 1 may close its port
+        # while rank 0 still evaluates, and the series are read where both ranks are up.
+        f"eval.shards={eval_dir}/sa_*.tar", "eval.every=7", "eval.at_end=false", "eval.num_images=2",
         f"metrics.port={metrics_port}", "metrics.addr=127.0.0.1", "metrics.final_scrape_wait_s=15",
         "metrics.run_name=promtest", "metrics.peak_tflops=1"), timeout=300)  # a peak: MFU series on CPU
     end = time.time()
