@@ -215,7 +215,8 @@ class CheckpointManager:
             return SaveInfo(step=step, url=url, seconds=0.0, num_bytes=0, written=False)
         start = time.perf_counter()
         names = {key: _file_name(key) for key in state}  # reject bad keys before deleting
-        replacing = step in self.steps() and self.problem(step) is None
+        self.fs.invalidate_cache(self.root)  # another process may have written since
+        replacing = self.problem(step) is None  # a missing dir has a problem too: no marker
         suffix = f".{uuid.uuid4().hex[:12]}" if replacing else ""
         if not replacing:
             self._remove(step)  # a stale marker of a crashed save must not survive

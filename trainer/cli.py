@@ -175,7 +175,7 @@ def _eval(argv: list[str]) -> int:
     (SAM_RECIPE.md §6; protocol and metric names in trainer.evaluate). One in-order pass:
     shards as listed, images in stored order, each image read once."""
     parser = argparse.ArgumentParser(prog="sam-train eval", description=_eval.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint root, step dir, or .pth URL")
     parser.add_argument("--shards", required=True, help="glob, .txt list or comma list of SA-1B shards "
                         "(read in the listed order)")

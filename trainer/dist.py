@@ -266,6 +266,19 @@ def _reduce_flag(flag: bool, op: str) -> bool:
     return bool(value.item())
 
 
+def all_agree_each(flags: torch.Tensor) -> list[bool]:
+    """Logical AND over ranks of each of several flags in ONE collective and one sync.
+
+    Args:
+        flags: K bool tensor, on any device (e.g. ``torch.isfinite`` results that never
+            went through the host), the same K on every rank.
+    """
+    values = flags.to(device=_flag_device() if _active() else flags.device, dtype=torch.int32)
+    if _active():
+        tdist.all_reduce(values, op=tdist.ReduceOp.MIN)
+    return [bool(v) for v in values.tolist()]
+
+
 def all_agree(flag: bool) -> bool:
     """Logical AND of ``flag`` over ranks (e.g. "every rank loaded the checkpoint")."""
     return _reduce_flag(flag, "and")

@@ -29,6 +29,7 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, capture_rng_s
 from trainer.config import ConfigError, dump_toml
 from trainer.presets import Config
 from trainer.data import Batch, build_loader, list_shards
+from trainer.data.sa1b import SKIP_REASONS
 from trainer.flops import device_peak_flops, flops_for_config, mfu, startup_summary
 from trainer.evaluate import EvalResult, eval_data_config, evaluate_shards
 from trainer.interactive import simulate_interaction
@@ -145,6 +146,7 @@ class TrainRun:
         self.already_finished = False  # resumed at max_iters: nothing may be written
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self._updated_norm: torch.Tensor | None = None  # of the last update: checked at the next step
 
     def _setup_flops(self) -> None:
         """Analytic FLOPs per image and the device peak: logged once, exported, used for MFU."""
@@ -315,25 +317,30 @@ class TrainRun:
     def _finish_step(self, loss: float) -> tuple[bool, float]:
         """Agree across ranks that loss and gradients are finite, then update or skip.
 
-        After an update every rank checks that its parameters are still finite (one
-        fused norm over all of them; finite loss and gradients can still give inf/NaN
-        weights, e.g. with a huge lr). Weights that are not finite cannot be undone, so
-        all ranks stop with :class:`NonFiniteLossError` (exit 3) before any checkpoint
+        Every update also leaves a fused norm of the updated parameters on the device
+        (finite loss and gradients can still give inf/NaN weights, e.g. with a huge lr).
+        It is agreed on together with the next step's loss and gradient flags: one
+        collective and one sync per step, none added. Weights that are not finite cannot
+        be undone, so all ranks stop with :class:`NonFiniteLossError` (exit 3); before
+        any save, ``check_replicas`` refuses non-finite weights too, so no checkpoint
         holds them. Returns ``(updated, grad norm before clipping)``.
         """
         params = [p for p in self.sam.parameters() if p.grad is not None]
         grad_norm = self._grad_norm(params)
-        local_ok = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        updated = self._updated_norm if self._updated_norm is not None else torch.zeros(())
+        flags = torch.stack([torch.isfinite(grad_norm), torch.isfinite(updated.to(grad_norm.device)),
+                             torch.tensor(math.isfinite(loss), device=grad_norm.device)])
+        grads_ok, weights_ok, loss_ok = dist.all_agree_each(flags)
         shown = self.step + 1  # the step number the progress line of this step shows
-        if dist.all_agree(local_ok):
+        if not weights_ok:
+            raise NonFiniteLossError(
+                f"step {shown - 1}: the update made the weights non-finite on some rank (finite loss and "
+                f"gradients, lr {self.optimizer.param_groups[-1]['lr']:.3g}); stopping. The last good "
+                f"checkpoint is kept under {self.ckpt.url}")
+        if grads_ok and loss_ok:
             self.optimizer.step()
             self.nonfinite_streak = 0
-            weights = torch.stack(torch._foreach_norm(params)).sum() if params else torch.tensor(0.0)
-            if not dist.all_agree(bool(torch.isfinite(weights))):
-                raise NonFiniteLossError(
-                    f"step {shown}: the update made the weights non-finite on some rank (finite loss and "
-                    f"gradients, lr {self.optimizer.param_groups[-1]['lr']:.3g}); stopping. The last good "
-                    f"checkpoint is kept under {self.ckpt.url}")
+            self._updated_norm = torch.stack(torch._foreach_norm(params)).sum() if params else None
             return True, float(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total += 1
@@ -382,8 +389,6 @@ class TrainRun:
 
         Called at the same steps on every rank (the all-reduce is a collective).
         """
-        from trainer.data.sa1b import SKIP_REASONS
-
         elapsed = time.perf_counter() - window["start"]
         values["time/images_per_s"] = window["images"] / max(elapsed, 1e-9)
         if self.peak_flops:  # per device: the window counts images of all ranks

@@ -33,7 +33,6 @@ sampled by the data layer with the fixed seed :data:`EVAL_SEED` (see
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -42,11 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data import Batch, DataConfig, SkipSample, collate, list_shards
-from trainer.data.sa1b import Skip, decode_sample, iter_shard
+from trainer.data import Batch, DataConfig, collate, list_shards
+from trainer.data.sa1b import decode_event, iter_shard
 from trainer.prompts import boxes_from_masks
 
-log = logging.getLogger(__name__)
 
 #: Point counts reported by default: IoU after 1, 2, 3, 5 and 9 points ([P] §7.1).
 POINTS = (1, 2, 3, 5, 9)
@@ -113,17 +111,10 @@ def _read_in_order(cfg: DataConfig, urls: list[str], num_images: int, batch_size
     pending, taken = [], 0
     for url in urls:
         for event in iter_shard(url, 0, cfg.shard_open_retries, cfg.retry_backoff_s):
-            if isinstance(event, Skip):
-                _count_skip(skips, event.reason, event.where, event.detail)
+            sample, _ = decode_event(event, url, cfg, 0, skips)  # bad data: counted, as in training
+            if sample is None:
                 continue
-            try:
-                pending.append(decode_sample(event, cfg, 0))
-            except SkipSample as err:
-                _count_skip(skips, err.reason, f"{url}:{event.stem}", err.detail)
-                continue
-            except Exception as err:  # noqa: BLE001 - one odd sample must not end the eval
-                _count_skip(skips, "decode_error", f"{url}:{event.stem}", repr(err))
-                continue
+            pending.append(sample)
             taken += 1
             if len(pending) == batch_size or taken == num_images:
                 yield collate(pending, cfg.img_size)
@@ -132,11 +123,6 @@ def _read_in_order(cfg: DataConfig, urls: list[str], num_images: int, batch_size
                 return
     if pending:
         yield collate(pending, cfg.img_size)
-
-
-def _count_skip(skips: dict[str, int], reason: str, where: str, detail: str) -> None:
-    skips[reason] = skips.get(reason, 0) + 1
-    log.warning("eval skipped %s (%s): %s", where, reason, " ".join(str(detail).split())[:300])
 
 
 # -------------------------------------------------------------------- point placement

@@ -16,7 +16,7 @@ import uuid
 
 from trainer import dist
 from trainer.config import ConfigError
-from trainer.storage import StorageError, join_url, url_to_fs
+from trainer.storage import StorageError, join_url, protocol_of, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def probe_writable(url: str) -> str | None:
     """Why ``url`` cannot hold run files (create it, write and delete one object), or None."""
     try:
         fs, path = url_to_fs(url)
-        if "://" not in url or url.startswith("file://"):
+        if protocol_of(url) in ("file", "local"):
             fs.makedirs(path, exist_ok=True)  # object stores have no directories to make
         probe = join_url(url, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         probe_fs, probe_path = url_to_fs(probe)

@@ -81,7 +81,9 @@ class PrometheusSink:
         self._static["world_size"].set(world_size)
         self._static["max_iters"].set(max_iters)
         self._static["last_checkpoint"].set(time.time())  # process start until a checkpoint exists
+        # (time, images so far, masks so far) of the last steps: rates are differences.
         self._window: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=THROUGHPUT_WINDOW + 1)
+        self._totals = (0, 0)
         self._skips_seen: dict[str, int] = {}
         self._last_update = time.time()
         self._flops: dict[str, float] = {}
@@ -173,16 +175,15 @@ class PrometheusSink:
         self._last_update = time.time()
 
     def _update_rates(self, images: int, masks: int) -> None:
-        now = time.perf_counter()
-        self._window.append((now, images, masks))
+        self._totals = (self._totals[0] + images, self._totals[1] + masks)
+        self._window.append((time.perf_counter(), *self._totals))
         if len(self._window) < 2:
             return
-        elapsed = now - self._window[0][0]
-        new_images = sum(i for _, i, _ in list(self._window)[1:])
-        new_masks = sum(m for _, _, m in list(self._window)[1:])
-        images_per_s = new_images / max(elapsed, 1e-9)
+        (start, images0, masks0), (now, images1, masks1) = self._window[0], self._window[-1]
+        elapsed = max(now - start, 1e-9)
+        images_per_s = (images1 - images0) / elapsed
         self._static["images_per_s"].set(images_per_s)
-        self._static["masks_per_s"].set(new_masks / max(elapsed, 1e-9))
+        self._static["masks_per_s"].set((masks1 - masks0) / elapsed)
         if self._peak:
             from trainer.flops import mfu
 

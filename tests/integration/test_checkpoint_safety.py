@@ -93,13 +93,16 @@ def poison_weights_on_update(update: int) -> None:
     torch.optim.AdamW.step = step
 
 
+@pytest.mark.parametrize("every, saved", [(1, ["step-00000001"]), (0, [])])
 def test_update_to_nonfinite_weights_exits_3_and_never_checkpoints_them(
-        shards: str, tmp_path: Path, single_process, monkeypatch: pytest.MonkeyPatch) -> None:
+        shards: str, tmp_path: Path, single_process, monkeypatch: pytest.MonkeyPatch, every: int,
+        saved: list[str]) -> None:
+    # every=1: the save after the bad update refuses it; every=0: the next step's agreement stops.
     monkeypatch.setattr(torch.optim.AdamW, "step", torch.optim.AdamW.step)  # undone after the test
     poison_weights_on_update(2)
-    cfg = config(shards, tmp_path, "optim.max_iters=4", "checkpoint.every=1")
+    cfg = config(shards, tmp_path, "optim.max_iters=4", f"checkpoint.every={every}")
     assert engine.train(cfg) == 3
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
 
 
 def _poisoned_rank(rank: int, port: int, shards: str, run_dir: str) -> None:

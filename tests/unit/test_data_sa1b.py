@@ -281,16 +281,16 @@ def test_read_error_mid_shard_resumes_at_failed_member(tmp_path: Path,
 
 def test_unexpected_decoder_error_is_skipped_as_decode_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.data import loader as loader_module
+    from trainer.data import sa1b as sa1b_module  # decode_event (training and eval) calls it there
 
-    real = loader_module.decode_sample
+    real = sa1b_module.decode_sample
 
     def fragile(pair: RawPair, cfg: DataConfig, epoch: int) -> Any:
         if pair.stem == "sa_90":
             raise RuntimeError("simulated decoder bug")
         return real(pair, cfg, epoch)
 
-    monkeypatch.setattr(loader_module, "decode_sample", fragile)
+    monkeypatch.setattr(sa1b_module, "decode_sample", fragile)
     path = tmp_path / "x.tar"
     path.write_bytes(_tar(_pair(90) + _pair(1)))
     loader = build_loader(_loader_cfg(str(path)), 0, 1)

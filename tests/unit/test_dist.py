@@ -155,6 +155,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         "broadcast": dist.broadcast_object({"step": 42} if rank == 0 else None),
         "agree_all": dist.all_agree(True),
         "agree_one": dist.all_agree(rank == 0),
+        "agree_each": dist.all_agree_each(torch.tensor([True, rank == 0, rank == 1])),
         "any_one": dist.any_rank(rank == 1),
         "sum": dist.all_reduce_sum(torch.tensor([rank + 1.0])).item(),
         "gather": dist.all_gather_object(rank * 10),
@@ -189,6 +190,7 @@ def test_two_rank_broadcast_and_agree(two_ranks: list[dict[str, Any]]) -> None:
     for r in two_ranks:
         assert r["broadcast"] == {"step": 42}
         assert (r["agree_all"], r["agree_one"], r["any_one"]) == (True, False, True)
+        assert r["agree_each"] == [True, False, False]
 
 
 def test_two_rank_shutdown_agreement(two_ranks: list[dict[str, Any]]) -> None:

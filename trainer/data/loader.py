@@ -50,10 +50,8 @@ from trainer.data.sa1b import (
     RawPair,
     Sample,
     Skip,
-    SkipSample,
-    decode_sample,
+    decode_event,
     iter_shard,
-    warn_skip,
 )
 from trainer.data.shards import NoUsableDataError, ShardOrder, list_shards
 from trainer.data.transforms import normalize_into
@@ -206,20 +204,12 @@ class _SA1BStream(IterableDataset):
                 shard_skips: dict[str, int]) -> Sample | None:
         """The sample of ``event``, or None after counting the skip in ``pos`` and in
         ``shard_skips`` (this reading of the shard)."""
-        if isinstance(event, Skip):  # from the tar level
-            reason, where, detail = event.reason, event.where, event.detail
+        sample, reason = decode_event(event, url, self.cfg, epoch, pos["skips"])
+        if reason is not None:
+            shard_skips[reason] = shard_skips.get(reason, 0) + 1
             if reason in SHARD_FAILURES and url not in pos["shards_failed"]:
                 pos["shards_failed"].append(url)
-        else:
-            try:
-                return decode_sample(event, self.cfg, epoch)
-            except SkipSample as err:
-                reason, where, detail = err.reason, f"{url}:{event.stem}", err.detail
-            except Exception as err:  # noqa: BLE001 - one odd sample must not end a long run
-                reason, where, detail = "decode_error", f"{url}:{event.stem}", repr(err)
-        warn_skip(pos["skips"], reason, where, detail)
-        shard_skips[reason] = shard_skips.get(reason, 0) + 1
-        return None
+        return sample
 
 
 def _passthrough(item: Any) -> Any:

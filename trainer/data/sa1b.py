@@ -429,3 +429,23 @@ def decode_sample(pair: RawPair, cfg: DataConfig, epoch: int) -> Sample:
                          f"{geo.crop_h}×{geo.crop_w} input")
     masks = [m for m, keep in zip(masks, nonempty) if keep]
     return Sample(image, masks, boxes[nonempty], geo.input_size, (height, width), image_id)
+
+
+def decode_event(event: RawPair | Skip, url: str, cfg: DataConfig, epoch: int,
+                 counts: dict[str, int]) -> tuple[Sample | None, str | None]:
+    """One event of :func:`iter_shard` as ``(sample, None)``, or ``(None, reason)`` after
+    counting the skip in ``counts`` and warning about it (once per member, :func:`warn_skip`).
+
+    The one place bad data turns into a count, for training and evaluation alike.
+    """
+    if isinstance(event, Skip):  # from the tar level
+        reason, where, detail = event.reason, event.where, event.detail
+    else:
+        try:
+            return decode_sample(event, cfg, epoch), None
+        except SkipSample as err:
+            reason, where, detail = err.reason, f"{url}:{event.stem}", err.detail
+        except Exception as err:  # noqa: BLE001 - one odd sample must not end a long run
+            reason, where, detail = "decode_error", f"{url}:{event.stem}", repr(err)
+    warn_skip(counts, reason, where, detail)
+    return None, reason
