@@ -25,6 +25,10 @@ code   name       meaning
 2      CONFIG     bad config or usage (argparse uses 2 too); permanent
 3      NONFINITE  loss non-finite for ``train.max_nonfinite_steps`` steps; permanent
 143    PREEMPTED  SIGTERM/SIGINT received, checkpoint written: restart me (128+15)
+200    PEER_LOST  a collective failed because another rank died or stopped answering
+                  (its pod was killed, evicted, OOM): restart me; retried, resuming
+                  from the last checkpoint (:func:`is_peer_failure`). 200 is no
+                  signal's 128+N, so it cannot be mistaken for one
 128+N  (none)     a worker killed by signal N (137: OOM kill), as reported by
                   :func:`run_torchrun`; retried, resuming from the last checkpoint
 =====  =========  ==============================================================
@@ -68,6 +72,28 @@ class ExitCode(enum.IntEnum):
     CONFIG = 2
     NONFINITE = 3
     PREEMPTED = 128 + signal.SIGTERM  # 143: retried by restartPolicy ExitCode
+    PEER_LOST = 200  # another rank vanished mid-collective: retried by restartPolicy ExitCode
+
+
+#: Text of the ``RuntimeError``s gloo raises when the other end of a collective is gone or
+#: silent (torch raises ``DistError`` subclasses for NCCL and the store, but gloo's
+#: transport errors are plain ``RuntimeError``s).
+_PEER_FAILURE_TEXT = ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                      "Broken pipe", "Timed out waiting", "Socket Timeout", "NCCL communicator was aborted")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` means another rank died or hung, not that this rank is broken.
+
+    A pod killed in a multi-node job (node drain without grace, OOM kill, spot
+    reclaim) leaves every other rank failing in its next collective. Exiting 1 there
+    would make PyTorchJob ``restartPolicy: ExitCode`` fail the whole job permanently;
+    these ranks exit :attr:`ExitCode.PEER_LOST` instead, a retried code, and the job
+    resumes from the last checkpoint when the pods are back.
+    """
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True  # DistBackendError (NCCL), DistNetworkError, DistStoreError
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_FAILURE_TEXT)
 
 
 class DistEnvError(ConfigError):

@@ -467,6 +467,7 @@ def train(cfg: Config, profile: bool = False) -> int:
     dist.setup_logging(info.rank, cfg.log.level, cfg.log.format)
     run: TrainRun | None = None
     shutdown: dist.GracefulShutdown | None = None
+    peer_lost = False
     try:
         run = TrainRun(cfg, info, profile=profile)
         if info.is_main:
@@ -476,9 +477,18 @@ def train(cfg: Config, profile: bool = False) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return dist.ExitCode.NONFINITE
+    except Exception as err:
+        if not dist.is_peer_failure(err):
+            raise
+        peer_lost = True
+        log.error("a collective failed: another rank died or stopped answering (%s: %s); exiting %d so "
+                  "the job restarts and resumes from the last complete checkpoint",
+                  type(err).__name__, str(err).splitlines()[0][:300], dist.ExitCode.PEER_LOST)
+        return dist.ExitCode.PEER_LOST
     finally:
         if run is not None:  # loss_curve.png beside metrics.jsonl, also after 143 (rank 0; never raises)
-            # After SIGTERM the grace period is not ours to spend waiting for a scrape.
-            run.metrics.close(draw=not run.already_finished,
-                              final_scrape=shutdown is None or not shutdown.requested)
+            # After SIGTERM the grace period is not ours to spend waiting for a scrape, and
+            # after a lost peer the job is about to restart: no final scrape wait.
+            interrupted = peer_lost or (shutdown is not None and shutdown.requested)
+            run.metrics.close(draw=not run.already_finished, final_scrape=not interrupted)
         dist.destroy()

@@ -259,3 +259,18 @@ def test_torchrun_wrapper_restarts_only_retryable_failures(tmp_path: Path, code:
     )
     assert proc.returncode == code, proc.stderr[-2000:]
     assert len(list(tmp_path.glob("attempt*"))) == attempts, proc.stderr[-2000:]
+
+
+def test_peer_failures_are_told_apart_from_own_errors() -> None:
+    import torch.distributed as tdist
+
+    from trainer.dist import is_peer_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:25493: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert is_peer_failure(gloo)
+    assert is_peer_failure(RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation to complete"))
+    assert is_peer_failure(tdist.DistBackendError("NCCL error: remote process exited"))
+    assert is_peer_failure(tdist.DistNetworkError("connection refused"))
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_peer_failure(ValueError("Connection reset by peer"))  # only collectives' RuntimeErrors
