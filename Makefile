@@ -5,7 +5,7 @@ PYTHON ?= python3
 # CPU wheel for laptops and CI; GPU images bring their own CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test install-prometheus demo test bench
+.PHONY: install install-test install-system demo test bench
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -14,15 +14,23 @@ install:
 install-test:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[gcs,s3,test]"
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(MAKE) --no-print-directory install-prometheus
+	@$(MAKE) --no-print-directory install-system
 
-# The monitoring tests run a real Prometheus server and promtool (Debian/Ubuntu package
-# `prometheus`). Installed when apt-get can run as root; elsewhere those tests skip, saying why.
-install-prometheus:
-	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+# System packages some tests need for real: Prometheus and promtool (the monitoring tests),
+# Docker and debootstrap (the image tests build the trainer image and run it; no registry is
+# needed: the base image is made locally). Installed with apt-get when it can run as root;
+# elsewhere those tests skip, saying why (under CI=true they fail instead).
+SYSTEM_TOOLS = prometheus:prometheus promtool:prometheus dockerd:docker.io debootstrap:debootstrap
+install-system:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$tool >/dev/null || case " $$missing " in *" $$pkg "*) ;; *) missing="$$missing $$pkg";; esac; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	else \
-	  echo "note: prometheus/promtool not on PATH and apt-get is not usable here: the Prometheus tests will skip"; \
+	  echo "note: missing$$missing and apt-get is not usable here: the tests that need them will skip"; \
 	fi
 
 demo: install
