@@ -5,7 +5,7 @@ PYTHON ?= python3
 # CPU wheel for laptops and CI; GPU images bring their own CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test install-system demo test bench
+.PHONY: install install-test install-system demo test bench manifests e2e-kind
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -18,9 +18,9 @@ install-test:
 
 # System packages some tests need for real: Prometheus and promtool (the monitoring tests),
 # Docker and debootstrap (the image tests build the trainer image and run it; no registry is
-# needed: the base image is made locally). Installed with apt-get when it can run as root;
+# needed: the base image is made locally), shellcheck (the kind e2e script). Installed with apt-get when it can run as root;
 # elsewhere those tests skip, saying why (under CI=true they fail instead).
-SYSTEM_TOOLS = prometheus:prometheus promtool:prometheus dockerd:docker.io debootstrap:debootstrap
+SYSTEM_TOOLS = prometheus:prometheus promtool:prometheus dockerd:docker.io debootstrap:debootstrap shellcheck:shellcheck
 install-system:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
@@ -45,3 +45,11 @@ bench: install-test
 	$(PYTHON) benchmarks/bench_prompts.py
 	$(PYTHON) benchmarks/bench_step.py
 	$(PYTHON) benchmarks/bench_metrics.py
+
+# Regenerate manifests/ (kustomize base + overlays) from the Helm chart; a test checks they agree.
+manifests:
+	$(PYTHON) -m tests.e2e.manifests --write
+
+# The kind end-to-end test (needs kind, docker, kubectl, helm; what .github/workflows/e2e-kind.yaml runs).
+e2e-kind:
+	bash tests/e2e/kind_e2e.sh
