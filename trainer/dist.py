@@ -327,18 +327,21 @@ def destroy() -> None:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (what log collectors in pods parse)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int | None, node: str | None = None) -> None:
         super().__init__()
         self.rank = rank
+        self.node = node
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "rank": self.rank,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.node is not None:
+            out["node"] = self.node
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):  # metric records travel as fields, not only as text
             out.update(fields)
@@ -357,28 +360,31 @@ def _use_json(fmt: str, stream: TextIO) -> bool:
     return not (callable(isatty) and isatty())
 
 
-def setup_logging(rank: int, level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def setup_logging(rank: int | None, level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None,
+                  node: str | None = None) -> None:
     """Configure the root logger once: ``level`` on rank 0, WARNING elsewhere.
 
     Args:
-        rank: this process's global rank (stamped on every line).
+        rank: this process's global rank (stamped on every line); None for the launcher
+            (``python -m trainer.dist``), which logs at ``level`` on every node.
         level: rank 0's level name.
         fmt: ``text`` (human lines), ``json`` (JSON lines) or ``auto``: JSON unless
             ``stream`` is a terminal. ``SAM_LOG_FORMAT=json|text`` overrides ``fmt``.
         stream: where lines go (default stderr).
+        node: the node index stamped on every line (the launcher's ``PET_NODE_RANK``).
     """
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if _use_json(fmt, stream):
-        handler.setFormatter(JsonFormatter(rank))
+        handler.setFormatter(JsonFormatter(rank, node))
     else:
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname).1s rank{rank} %(name)s: %(message)s", "%H:%M:%S"))
+        who = f"rank{rank}" if rank is not None else f"launcher{'' if node is None else ' node' + node}"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname).1s {who} %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     for old in list(root.handlers):  # idempotent: replace, never stack handlers
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.setLevel(level if rank in (0, None) else logging.WARNING)
 
 
 # --------------------------------------------------------------------------- shutdown
@@ -467,5 +473,4 @@ def exit_code_of(code: int) -> int:
 
 if __name__ == "__main__":
     # python -m trainer.dist --nproc_per_node=2 -m trainer.train --config ...
-    logging.basicConfig(level=logging.INFO)
     sys.exit(run_torchrun(sys.argv[1:]))

@@ -95,6 +95,30 @@ def exit_code_after_signal(sigval: int, worker_codes: Sequence[int]) -> int:
     return permanent[0] if permanent else 128 + int(sigval)
 
 
+def setup_launcher_logging() -> None:
+    """Log lines of the launcher (this process) in the trainer's format: JSON in pods.
+
+    torch's elastic agent logs through loggers under ``torch`` that carry their own
+    glog-style stderr handlers and do not propagate, so a pod's log mixed JSON lines of the
+    workers with text lines of the agent (``E1201 ... failed (exitcode: 143)``). Those
+    handlers are removed here and the records propagate to the root handler, which
+    ``trainer.dist.setup_logging`` sets up; the lines carry ``rank`` None (the launcher is
+    no rank) and ``node`` (``PET_NODE_RANK``). Call after importing ``torch.distributed.run``.
+    """
+    import os
+
+    from trainer.dist import setup_logging
+
+    setup_logging(rank=None, level="INFO", node=os.environ.get("PET_NODE_RANK"))
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name == "torch" or name.startswith("torch."):
+            if isinstance(logger, logging.Logger):
+                for handler in list(logger.handlers):
+                    if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                        logger.removeHandler(handler)
+                logger.propagate = True
+
+
 def run_torchrun(argv: Sequence[str]) -> int:
     """Run torchrun in this process and return the exit status the pod should have.
 
@@ -110,6 +134,7 @@ def run_torchrun(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    setup_launcher_logging()
     worker_codes: list[int] = []
     try:
         with _patched_agent(worker_codes):
