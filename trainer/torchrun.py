@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Sequence
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
 
-from trainer.dist import ExitCode
+from trainer.dist import DistEnvError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ def _patched_agent(worker_codes: list[int]) -> Iterator[None]:
        after forwarding a signal and waiting), into ``worker_codes``: torchrun then
        raises ``SignalException`` without them, and a SIGTERM that arrives during the
        last step must not turn a finished run (every worker exited 0) into 143.
+    3. Give the workers :func:`shutdown_grace_s` to exit after the forwarded signal
+       before they are SIGKILLed (torchrun waits 30 s: too short for the checkpoint a
+       worker writes on SIGTERM, e.g. ViT-H's weights and AdamW state). The wait is
+       ``PContext.close``'s timeout, wrapped on the instance for the call.
     """
     from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -68,6 +74,13 @@ def _patched_agent(worker_codes: list[int]) -> Iterator[None]:
 
     def shutdown(self: Any, *args: Any, **kwargs: Any) -> None:
         pcontext = getattr(self, "_pcontext", None)
+        if pcontext is not None and "close" not in vars(pcontext):
+            close_orig, grace = pcontext.close, shutdown_grace_s()
+
+            def close(death_sig: Any = None, timeout: float = 30) -> Any:
+                return close_orig(death_sig, grace)
+
+            pcontext.close = close
         shutdown_orig(self, *args, **kwargs)
         handlers = getattr(pcontext, "subprocess_handlers", None) or {}
         codes = [h.proc.returncode for h in handlers.values()]
@@ -79,6 +92,25 @@ def _patched_agent(worker_codes: list[int]) -> Iterator[None]:
         yield
     finally:
         LocalElasticAgent._monitor_workers, LocalElasticAgent._shutdown = monitor_orig, shutdown_orig
+
+
+#: Seconds the workers get to exit after the launcher forwards SIGTERM (their checkpoint);
+#: the chart sets it a little below the pod's terminationGracePeriodSeconds.
+SHUTDOWN_GRACE_ENV = "SAM_SHUTDOWN_TIMEOUT_S"
+
+
+def shutdown_grace_s(env: Mapping[str, str] | None = None) -> float:
+    """``SAM_SHUTDOWN_TIMEOUT_S`` (default 30, torchrun's own); a bad value is a config error."""
+    text = (os.environ if env is None else env).get(SHUTDOWN_GRACE_ENV, "").strip()
+    if not text:
+        return 30.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise DistEnvError(f"{SHUTDOWN_GRACE_ENV}: expected seconds >= 0, got {text!r}")
+    return value
 
 
 def exit_code_after_signal(sigval: int, worker_codes: Sequence[int]) -> int:
@@ -95,6 +127,12 @@ def exit_code_after_signal(sigval: int, worker_codes: Sequence[int]) -> int:
     return permanent[0] if permanent else 128 + int(sigval)
 
 
+def _dist_errors(tdist: Any) -> tuple[type[BaseException], ...]:
+    """``torch.distributed.DistError`` where this torch has it (the store and network errors)."""
+    error = getattr(tdist, "DistError", None)
+    return (error,) if isinstance(error, type) else ()
+
+
 def setup_launcher_logging() -> None:
     """Log lines of the launcher (this process) in the trainer's format: JSON in pods.
 
@@ -105,8 +143,6 @@ def setup_launcher_logging() -> None:
     ``trainer.dist.setup_logging`` sets up; the lines carry ``rank`` None (the launcher is
     no rank) and ``node`` (``PET_NODE_RANK``). Call after importing ``torch.distributed.run``.
     """
-    import os
-
     from trainer.dist import setup_logging
 
     setup_logging(rank=None, level="INFO", node=os.environ.get("PET_NODE_RANK"))
@@ -130,15 +166,29 @@ def run_torchrun(argv: Sequence[str]) -> int:
     with a code of :data:`PERMANENT_EXIT_CODES` are not restarted, whatever
     ``--max-restarts`` says.
     """
+    import torch.distributed as tdist
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     setup_launcher_logging()
+    try:
+        shutdown_grace_s()
+    except DistEnvError as err:
+        log.error("%s", err)
+        return ExitCode.CONFIG
     worker_codes: list[int] = []
     try:
         with _patched_agent(worker_codes):
             torchrun.run(torchrun.parse_args(list(argv)))
+    except (RendezvousError, *_dist_errors(tdist)) as err:
+        # The other pods did not join in time (Pending, still starting) or their agent
+        # vanished (the store host, an elastic peer): this pod is fine, the job is not
+        # whole. 1 would make restartPolicy ExitCode fail the job for good.
+        log.error("rendezvous with the other pods failed (%s: %s); exiting %d so the pod is restarted",
+                  type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "", ExitCode.PEER_LOST)
+        return ExitCode.PEER_LOST
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = exit_code_of(failure.exitcode)
