@@ -29,6 +29,8 @@ code   name       meaning
                   (its pod was killed, evicted, OOM): restart me; retried, resuming
                   from the last checkpoint (:func:`is_peer_failure`). 200 is no
                   signal's 128+N, so it cannot be mistaken for one
+201    UNAVAILABLE  the run's storage kept failing with transient errors (5xx, 429,
+                  timeouts) in the start-up probe: restart me (``trainer.preflight``)
 128+N  (none)     a worker killed by signal N (137: OOM kill), as reported by
                   :func:`run_torchrun`; retried, resuming from the last checkpoint
 =====  =========  ==============================================================
@@ -73,6 +75,7 @@ class ExitCode(enum.IntEnum):
     NONFINITE = 3
     PREEMPTED = 128 + signal.SIGTERM  # 143: retried by restartPolicy ExitCode
     PEER_LOST = 200  # another rank vanished mid-collective: retried by restartPolicy ExitCode
+    UNAVAILABLE = 201  # storage kept failing transiently at start-up: retried (trainer.preflight)
 
 
 #: Text of the ``RuntimeError``s gloo raises when the other end of a collective is gone or

@@ -39,7 +39,7 @@ from trainer.prom import build_prometheus
 from trainer.timing import StepTimer
 from trainer.model import Sam, build_model
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.preflight import check_run_locations
+from trainer.preflight import StorageUnavailableError, check_run_locations
 from trainer.prompts import PromptConfig
 from trainer.resume import apply_optim_config, reconcile_config
 
@@ -477,6 +477,9 @@ def train(cfg: Config, profile: bool = False) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return dist.ExitCode.NONFINITE
+    except StorageUnavailableError as err:
+        log.error("%s; exiting %d so the pod is restarted", err, dist.ExitCode.UNAVAILABLE)
+        return dist.ExitCode.UNAVAILABLE
     except Exception as err:
         if not dist.is_peer_failure(err):
             raise

@@ -274,3 +274,37 @@ def test_peer_failures_are_told_apart_from_own_errors() -> None:
     assert is_peer_failure(tdist.DistNetworkError("connection refused"))
     assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_peer_failure(ValueError("Connection reset by peer"))  # only collectives' RuntimeErrors
+
+
+def test_start_up_probe_retries_transient_storage_errors_then_exits_retryably(monkeypatch) -> None:
+    """A 503 or a timeout is retried, then 201 (retried by ExitCode); a bad setting is 2 at once."""
+    from trainer import preflight
+    from trainer.dist import ExitCode
+
+    class HttpError(Exception):
+        def __init__(self, code: int) -> None:
+            super().__init__(f"HTTP {code}")
+            self.code = code
+
+    calls: list[str] = []
+    outcomes = iter([HttpError(503), TimeoutError("read timed out"), None])
+
+    def flaky_once(url: str):
+        calls.append(url)
+        err = next(outcomes)
+        return None if err is None else (str(err), preflight.is_transient(err))
+
+    monkeypatch.setattr(preflight, "_probe_once", flaky_once)
+    monkeypatch.setattr(preflight.time, "sleep", lambda s: None)
+    assert preflight.probe_writable("gs://b/run") is None and len(calls) == 3  # recovered on the third try
+
+    monkeypatch.setattr(preflight, "_probe_once", lambda url: ("HTTP 503", True))
+    with pytest.raises(preflight.StorageUnavailableError, match="transient"):
+        preflight.check_run_locations({"train.run_dir": "gs://b/run"}, is_main=True)
+    assert 128 <= ExitCode.UNAVAILABLE <= 255
+
+    monkeypatch.setattr(preflight, "_probe_once", lambda url: ("Forbidden", preflight.is_transient(PermissionError())))
+    with pytest.raises(ConfigError, match="train.run_dir: cannot write"):
+        preflight.check_run_locations({"train.run_dir": "gs://b/run"}, is_main=True)
+    assert not preflight.is_transient(ValueError("unknown protocol"))
+    assert preflight.is_transient(HttpError(429)) and not preflight.is_transient(HttpError(403))
