@@ -5,7 +5,7 @@ PYTHON ?= python3
 # CPU wheel for laptops and CI; GPU images bring their own CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test install-system demo test bench manifests e2e-kind
+.PHONY: install install-test install-system demo test test-torchx test-kfp bench manifests e2e-kind pipeline
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -38,6 +38,33 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m pytest -q
+	@$(MAKE) --no-print-directory test-torchx test-kfp
+
+# torchx 0.7.0 and kfp 2.17 cannot share an environment (urllib3 pins, LAUNCH.md section 0):
+# each launch path is tested in a venv of its own, with the extra a user of that path installs.
+VENV_TORCHX ?= .venv-torchx
+VENV_KFP ?= .venv-kfp
+define venv_test  # $(1): venv dir, $(2): extras, $(3): SAM_TEST_ENV, $(4): test dir
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	@$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/pip install -q "$(TORCH_SPEC)"
+	$(1)/bin/pip install -q -e ".[$(2)]"
+	$(1)/bin/pip check
+	SAM_TEST_ENV=$(3) $(1)/bin/python -m pytest -q $(4)
+endef
+
+TORCHX_EXTRAS := gcs,torchx,test
+KFP_EXTRAS := gcs,kfp,test
+
+test-torchx:
+	$(call venv_test,$(VENV_TORCHX),$(TORCHX_EXTRAS),torchx,tests/torchx)
+
+test-kfp:
+	$(call venv_test,$(VENV_KFP),$(KFP_EXTRAS),kfp,tests/pipelines)
+
+# The Kubeflow Pipelines IR (in the kfp venv): pipelines/sam_pipeline.yaml.
+pipeline:
+	@test -x $(VENV_KFP)/bin/python || $(MAKE) --no-print-directory test-kfp
+	$(VENV_KFP)/bin/python -m pipelines.sam_pipeline --out pipelines/sam_pipeline.yaml
 
 bench: install-test
 	$(PYTHON) benchmarks/bench_encoder.py

@@ -7,6 +7,7 @@
     sam-train eval --checkpoint URL --shards SPEC   # point and box mIoU
     sam-train export --checkpoint URL --out FILE    # official segment_anything .pth
     sam-train selfcheck                             # build every variant, run tiny once
+    sam-train launch submit NAME -f PRESET.yaml --set ...  # a job on a cluster, through the Kubernetes API
 
 Subcommands are small adapters over library functions; each one's ``--help`` works
 without a GPU and shows every option with its default. An unknown command exits 2.
@@ -220,6 +221,12 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _launch(argv: list[str]) -> int:
+    from trainer.launch.cli import main as launch_main
+
+    return launch_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "local demo: synth data, 2-process training, eval, export, plots"),
     "train": (_train, "train (one rank; run under torchrun or python -m trainer.dist)"),
@@ -228,6 +235,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (_eval, "point and box mIoU of a checkpoint on held-out shards"),
     "export": (_export, "write a checkpoint as the official SAM .pth"),
     "selfcheck": (_selfcheck, "build every model variant and run the tiny model once"),
+    "launch": (_launch, "submit, watch, log and delete a training job on a cluster (PyTorchJob/TrainJob)"),
 }
 
 

@@ -131,3 +131,12 @@ def test_export_of_a_tiny_checkpoint_says_no_registry_variant_loads_it(tmp_path:
     assert "'tiny' is not in segment_anything's sam_model_registry" in err
     assert "no official registry entry loads this file" in err
     assert (tmp_path / "out.pth").stat().st_size > 0  # still exported: our own loaders read it
+
+
+def test_launch_help_needs_no_cluster(capsys) -> None:
+    from trainer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch", "--help"])
+    assert exit_info.value.code == 0
+    assert "submit" in capsys.readouterr().out
