@@ -301,7 +301,7 @@ def test_job_is_what_the_script_waits_for() -> None:
     specs = job["spec"]["pytorchReplicaSpecs"]
     # The script scrapes and reads logs of $JOB-master-0 and $JOB-worker-0: exactly those pods.
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
-    assert job["spec"]["runPolicy"].get("suspend") is False
+    assert not job["spec"]["runPolicy"].get("suspend")  # rendered only when true
     # The script reads the master's log and the pods' placement after Succeeded: pods must stay.
     assert job["spec"]["runPolicy"].get("cleanPodPolicy", "None") == "None"
     for _, spec in pod_specs(job):
@@ -348,7 +348,7 @@ def test_a100_check_schedules_onto_the_dressed_node(release: str, preset: str) -
     validate_objects(objects)
     job = only(objects, "PyTorchJob")
     assert job["metadata"]["name"] == release and list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
-    assert job["spec"]["runPolicy"].get("suspend") is False
+    assert not job["spec"]["runPolicy"].get("suspend")  # rendered only when true
     labels, taint = gpu_node_labels(), gpu_node_taint()
     (_, spec), = pod_specs(job)
     selector = spec.get("nodeSelector") or {}

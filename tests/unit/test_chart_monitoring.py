@@ -126,11 +126,21 @@ def test_podmonitor_with_a_trainjob_needs_the_charts_runtime() -> None:
 REWORDED = {("SamTrainThroughputDrop", "summary"): ("below half its", "below 50% of its")}
 
 
+#: What the chart adds to every trainer-metric selector of the file's exprs for release `rel` in `ml`.
+SCOPE = f'namespace="{NAMESPACE}", run="{FULLNAME}"'
+
+
+def _unscoped(expr: str) -> str:
+    """An expr without the release's matchers (``name{SCOPE}`` -> ``name``, ``{SCOPE, x}`` -> ``{x}``)."""
+    return expr.replace("{" + SCOPE + "}", "").replace("{" + SCOPE + ", ", "{")
+
+
 def test_default_rules_are_the_files_rules_unchanged() -> None:
     rendered = _alerts(_rule_spec(_monitoring()))
     for name, rule in _file_alerts().items():
         got = rendered[name]
-        for field in ("expr", "for", "labels"):
+        assert _unscoped(got["expr"]).strip() == rule["expr"].strip(), name  # only the scope added
+        for field in ("for", "labels"):
             assert _stripped(got.get(field)) == _stripped(rule.get(field)), (name, field)
         for key, text in rule["annotations"].items():
             old, new = REWORDED.get((name, key), ("", ""))
@@ -226,3 +236,164 @@ def test_dashboard_defaults_to_the_release_namespace() -> None:
                  if "sam-train.json" in o.get("data", {})][0]
     assert dashboard["metadata"]["namespace"] == "team-a"
     assert "annotations" not in dashboard["metadata"] or "grafana_folder" not in dashboard["metadata"]["annotations"]
+
+
+# --------------------------------------------------------------------------- scoped to the release
+
+#: A trainer metric name in an expr (the exporter's families: trainer/prom.py).
+METRIC = re.compile(r"\bsam_(?:train|gpu)_[a-zA-Z0-9_:]+")
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, the text right after it) for every trainer metric of ``expr``."""
+    return [(m.group(0), expr[m.end():m.end() + 200]) for m in METRIC.finditer(expr)]
+
+
+def test_every_trainer_selector_is_scoped_to_the_release() -> None:
+    # Finding 3: without namespace/run matchers each release's rule evaluates every run.
+    alerts = _alerts(_rule_spec(_monitoring()))
+    for name in _file_alerts():
+        found = _selectors(alerts[name]["expr"])
+        assert found, name
+        for metric, after in found:
+            assert after.startswith("{" + SCOPE), (name, metric, after[:60])
+        assert "}{" not in alerts[name]["expr"], name
+
+
+def test_a_selector_the_file_already_has_is_joined(tmp_path: Path) -> None:
+    # The file has none today; a rules file with one must give `{scope, its matchers}`.
+    chart = tmp_path / "sam-train"
+    shutil.copytree(r.CHART_DIR, chart)
+    rules = yaml.safe_load((chart / "files" / "prometheus-rules.yaml").read_text())
+    rule = rules["groups"][0]["rules"][1]
+    assert rule["alert"] == "SamTrainNonFiniteSteps"
+    rule["expr"] = rule["expr"].replace("sam_train_nonfinite_steps_total", 'sam_train_nonfinite_steps_total{rank="0"}')
+    (chart / "files" / "prometheus-rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    manifests = r.render_templates(_monitoring(), name=RELEASE, namespace=NAMESPACE, chart_dir=chart)
+    spec = yaml.safe_load(manifests["sam-train/templates/prometheusrule.yaml"])["spec"]
+    expr = _alerts(spec)["SamTrainNonFiniteSteps"]["expr"]
+    assert 'sam_train_nonfinite_steps_total{' + SCOPE + ', rank="0"}[15m]' in expr, expr
+
+
+@pytest.mark.parametrize("values, run", [
+    ({"training": {"config": {"metrics": {"run_name": "vit-h-exp1"}}}}, "vit-h-exp1"),
+    ({"training": {"config": {"metrics": {"run_name": "a"}}, "extraArgs": ["metrics.run_name=b"]}}, "b"),
+    ({"env": [{"name": "SAM_RUN_NAME", "value": "from-env"}]}, "from-env"),
+])
+def test_alerts_follow_the_run_label_the_trainer_uses(values: dict, run: str) -> None:
+    # The `run` label is metrics.run_name (--set over the file), else SAM_RUN_NAME (trainer/prom.py).
+    spec = _rule_spec(deep_merge(_monitoring(), values))
+    for name, rule in _alerts(spec).items():
+        for metric, after in _selectors(rule["expr"]):
+            assert after.startswith(f'{{namespace="{NAMESPACE}", run="{run}"'), (name, metric)
+        if name.startswith("SamTrain") and "run" in (rule.get("labels") or {}):
+            assert rule["labels"]["run"] == run, name
+
+
+def _without_annotations(spec: Mapping[str, Any]) -> dict:
+    """The rules without annotations: promtool compares them, and these tests are about labels."""
+    groups = [{**g, "rules": [{k: v for k, v in rule.items() if k != "annotations"} for rule in g["rules"]]}
+              for g in spec["groups"]]
+    return {"groups": groups}
+
+
+def _promtool_test(spec: Mapping[str, Any], tests: list[dict], tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(_without_annotations(spec), sort_keys=False))
+    (tmp_path / "rules.test.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    return subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", "rules.test.yaml"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def _series(metric: str, namespace: str, run: str, values: str, rank: str = "0") -> dict:
+    return {"series": f'{metric}{{namespace="{namespace}",run="{run}",rank="{rank}",local_rank="{rank}",'
+                      f'node="0",job="sam",instance="{run}:9400"}}', "values": values}
+
+
+@needs_promtool
+def test_only_this_releases_alert_fires(tmp_path: Path) -> None:
+    # Finding 3, in Prometheus: this release (checkpoint threshold 1h) and two other runs with
+    # stale checkpoints, another release in the same namespace and a same-named run elsewhere.
+    spec = _rule_spec(_monitoring(checkpointMaxAgeSeconds=3600))
+    stale = "0x180"  # last checkpoint at t=0: its age is the evaluation time
+    tests = [{
+        "interval": "1m",
+        "input_series": [
+            _series("sam_train_last_checkpoint_timestamp_seconds", NAMESPACE, FULLNAME, stale),
+            _series("sam_train_last_checkpoint_timestamp_seconds", NAMESPACE, "other-sam-train", stale),
+            _series("sam_train_last_checkpoint_timestamp_seconds", "team-b", FULLNAME, stale),
+            _series("sam_train_step", NAMESPACE, "other-sam-train", "100x180"),
+            _series("sam_train_max_iters", NAMESPACE, "other-sam-train", "1000x180"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2h", "alertname": "SamTrainCheckpointStale",
+             "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE, "run": FULLNAME}}]},
+            # The other release's run is stuck, but that is its own release's alert to raise.
+            {"eval_time": "2h", "alertname": "SamTrainNoProgress", "exp_alerts": []},
+        ],
+    }]
+    result = _promtool_test(spec, tests, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_not_scraped_alert_needs_the_podmonitor() -> None:
+    # Finding 4: without a PodMonitor nothing scrapes the pods; the alert would fire on every healthy run.
+    values = deep_merge(BASE, {"monitoring": {"prometheusRule": {"enabled": True}}})
+    assert "SamTrainNotScraped" not in _alerts(_rule_spec(values))
+    assert "SamTrainNotScraped" in _alerts(_rule_spec(_monitoring()))
+
+
+# --------------------------------------------------------------------------- pods restarting often
+
+
+def test_restarting_often_alert_selects_this_jobs_pods() -> None:
+    rule = _alerts(_rule_spec(_monitoring(restartsPerHourMax=5)))["SamTrainRestartingOften"]
+    assert "kube_pod_created" in rule["expr"] and f'namespace="{NAMESPACE}"' in rule["expr"]
+    assert rule["expr"].rstrip().endswith("> 5") and rule["for"] == "0m"
+    assert rule["labels"] == {"severity": "warning", "namespace": NAMESPACE, "run": FULLNAME}
+    pattern = re.compile(_pod_regex(rule["expr"]))
+    assert pattern.fullmatch(f"{FULLNAME}-worker-3") and not pattern.fullmatch(f"other-{FULLNAME}-worker-3")
+    assert "SamTrainRestartingOften" not in _alerts(_rule_spec(_monitoring(disabled=["SamTrainRestartingOften"])))
+
+
+def _pod_objects(pod_names: list[str], every_min: int, minutes: int) -> list[dict]:
+    """kube_pod_created of pod objects recreated every ``every_min`` minutes (one uid each)."""
+    out = []
+    for k, pod in enumerate(pod_names):
+        start = k * every_min
+        length = min(every_min, minutes - start)
+        values = " ".join(["_"] * start + [str(start * 60)] * length)
+        out.append({"series": f'kube_pod_created{{namespace="{NAMESPACE}",pod="{pod}",uid="u{k}",'
+                              f'job="kube-state-metrics"}}', "values": values})
+    return out
+
+
+@needs_promtool
+def test_restarting_often_fires_on_recreated_pods_of_this_job_only(tmp_path: Path) -> None:
+    # Finding 7: ExitCode restarts are unbounded; kube-state-metrics shows each new pod object.
+    spec = _rule_spec(_monitoring())  # restartsPerHourMax: 3
+    worker = f"{FULLNAME}-worker-0"
+    node = f"{FULLNAME}-node-0-0"  # a TrainJob (JobSet) pod: a new random suffix at each restart
+    tests = [
+        {"interval": "1m",
+         "input_series": (_pod_objects([worker] * 5, 12, 61)  # 4 recreations in the hour
+                          + _pod_objects(["other-sam-train-worker-0"] * 10, 6, 61)
+                          + [{"series": f'kube_pod_created{{namespace="{NAMESPACE}",pod="{FULLNAME}-master-0",'
+                                        f'uid="m",job="kube-state-metrics"}}', "values": "0x60"}]),
+         "alert_rule_test": [
+             {"eval_time": "30m", "alertname": "SamTrainRestartingOften", "exp_alerts": []},  # 2 so far
+             {"eval_time": "60m", "alertname": "SamTrainRestartingOften",
+              "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE, "run": FULLNAME}}]},
+         ]},
+        {"interval": "1m",
+         "input_series": _pod_objects([f"{node}-{s}" for s in ("x7k2p", "b9d4q", "zz2cf", "mm4bv", "q2w5r")], 12, 61),
+         "alert_rule_test": [
+             {"eval_time": "60m", "alertname": "SamTrainRestartingOften",
+              "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": NAMESPACE, "run": FULLNAME}}]},
+         ]},
+        {"interval": "1m",  # 3 recreations: not more than restartsPerHourMax
+         "input_series": _pod_objects([worker] * 4, 15, 61),
+         "alert_rule_test": [{"eval_time": "60m", "alertname": "SamTrainRestartingOften", "exp_alerts": []}]},
+    ]
+    result = _promtool_test(spec, tests, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

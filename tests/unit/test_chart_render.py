@@ -123,6 +123,9 @@ def check_replicas(ev: Mapping[str, Any], job: Mapping[str, Any]) -> None:
         policy = job["spec"]["elasticPolicy"]
         assert (policy["minReplicas"], policy["maxReplicas"]) == (ev["elastic"]["minNodes"], nodes)
         assert "nProcPerNode" not in policy  # mutually exclusive with spec.nprocPerNode
+        # The rendezvous timeout reaches torchrun as PET_RDZV_CONF (no flag: it would replace it).
+        assert policy["rdzvConf"] == [{"key": "join_timeout",
+                                       "value": str(ev["training"]["rendezvousTimeoutSeconds"])}]
         return
     assert "elasticPolicy" not in job["spec"]
     assert specs["Master"]["replicas"] == 1
@@ -151,6 +154,7 @@ def check_container(ev: Mapping[str, Any], template: Mapping[str, Any], kind: st
     check_gpu_limit(ev, container.get("resources"))
     check_ports(ev, container, kind)
     check_command(ev, list(container.get("command") or []) + list(container.get("args") or []))
+    check_shutdown_env(ev, container.get("env"))
 
 
 def check_trainjob_trainer(ev: Mapping[str, Any], job: Mapping[str, Any]) -> None:
@@ -158,6 +162,7 @@ def check_trainjob_trainer(ev: Mapping[str, Any], job: Mapping[str, Any]) -> Non
     trainer = job["spec"]["trainer"]
     check_gpu_limit(ev, trainer.get("resourcesPerNode"))
     check_command(ev, list(trainer.get("command") or []) + list(trainer.get("args") or []))
+    check_shutdown_env(ev, trainer.get("env"))
     assert trainer["image"] == "ghcr.io/sam-k8s/sam-train:" + str(ev["image"]["tag"] or "0.1.0")
 
 
@@ -203,11 +208,22 @@ def check_command(ev: Mapping[str, Any], command: Sequence[str]) -> None:
     start = next(i for i in range(len(command)) if command[i:i + 2] == ["-m", "trainer.train"])
     assert command[start:start + len(tail)] == tail, command
     wrapper = command[3:start]
-    restarts = ev["training"]["maxRestarts"]
-    assert wrapper == (["--max-restarts", str(restarts)] if restarts else []), wrapper
+    restarts, timeout = ev["training"]["maxRestarts"], ev["training"]["rendezvousTimeoutSeconds"]
+    # The rendezvous timeout is a flag except in elastic jobs (elasticPolicy.rdzvConf there).
+    rdzv = [] if ev["elastic"]["enabled"] else [f"--rdzv-conf=join_timeout={timeout},timeout={timeout}"]
+    assert wrapper == rdzv + (["--max-restarts", str(restarts)] if restarts else []), wrapper
     extra = command[start + len(tail):]
     assert extra == [x for arg in ev["training"]["extraArgs"] for x in ("--set", arg)], extra
-    assert not any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in command)  # the operator's PET_*
+    # Nothing else of the rendezvous: torchrun reads the operator's PET_* variables.
+    assert not any(a.startswith(("--rdzv-endpoint", "--rdzv-backend", "--rdzv-id", "--nnodes", "--rdzv_"))
+                   for a in command)
+
+
+def check_shutdown_env(ev: Mapping[str, Any], env: Sequence[Mapping[str, Any]] | None) -> None:
+    """SAM_SHUTDOWN_TIMEOUT_S: the grace period minus 15 s for torchrun's workers, at least 5."""
+    values = {e["name"]: e.get("value") for e in env or ()}
+    want = max(5, ev["terminationGracePeriodSeconds"] - 15)
+    assert values.get("SAM_SHUTDOWN_TIMEOUT_S") == str(want), values.get("SAM_SHUTDOWN_TIMEOUT_S")
 
 
 def check_podmonitor(ev: Mapping[str, Any], objects: Sequence[Mapping[str, Any]]) -> None:

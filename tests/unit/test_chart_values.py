@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
+import yaml
 
 from tests.k8s import render as r
 from tests.k8s.render import RenderError, deep_merge, job_of, notes, pod_view, render
@@ -101,19 +103,20 @@ def test_int_and_float_settings_keep_their_types(tmp_path: Path) -> None:
 
 
 def test_config_toml_writer_round_trips_awkward_values() -> None:
-    # Raw TOML only (tomllib), so keys need not be trainer settings: the writer's own contract.
+    # Raw TOML only (tomllib): the writer's own contract, on keys the trainer has (the schema
+    # refuses others) whose values are awkward to write.
     config = {
-        "eval": {"shards": ['gs://b/a b "q".tar', "caf\u00e9", "<tag>&"], "note": "line1\nline2\t\\ end"},
-        "optim": {"lr": 1.5e-10, "big": 123456789012, "neg": -3, "half": 2.5, "whole": 3.0, "zero": 0},
-        "train": {"amp": "off", "flag": True, "other": False, "empty": "", "nested": {"deep": [1, 2]}},
-        "log": {"dotted.key": "x", "list_of_lists": [[1, 2], [3]]},
+        "eval": {"shards": ['gs://b/a b "q".tar', "caf\u00e9", "<tag>&", "line1\nline2\t\\ end"]},
+        "optim": {"eps": 1.5e-10, "lr": 3.0, "decay_gamma": 2.5, "warmup_iters": 0, "milestones": []},
+        "train": {"seed": 123456789012, "amp": "off", "compile": True, "deterministic": False},
+        "model": {"pe_seed": -3, "init_checkpoint": ""},
     }
     raw = tomllib.loads(config_text(render(deep_merge(BASE, {"training": {"config": config}}))))
-    want = deep_merge(config, {"optim": {"whole": 3}})  # a whole float is written as an int (documented)
+    want = deep_merge(config, {"optim": {"lr": 3}})  # a whole float is written as an int (documented)
     for section, keys in want.items():
         for key, value in keys.items():
             assert raw[section][key] == value, (section, key, raw[section].get(key))
-    assert type(raw["optim"]["big"]) is int and type(raw["optim"]["half"]) is float
+    assert type(raw["train"]["seed"]) is int and type(raw["optim"]["decay_gamma"]) is float
     assert raw["data"]["shards"] == SHARDS and raw["train"]["run_dir"] == RUN_DIR
 
 
@@ -151,8 +154,8 @@ def test_training_config_may_not_set_a_chart_owned_key(section: str, key: str, o
 
 def test_command_runs_the_wrapper_with_max_restarts() -> None:
     command = command_of(render(deep_merge(BASE, {"training": {"maxRestarts": 2}})))
-    assert command == ["python", "-m", "trainer.dist", "--max-restarts", "2",
-                       "-m", "trainer.train", "--config", "/etc/sam-train/config.toml"]
+    assert command == ["python", "-m", "trainer.dist", "--rdzv-conf=join_timeout=1800,timeout=1800",
+                       "--max-restarts", "2", "-m", "trainer.train", "--config", "/etc/sam-train/config.toml"]
 
 
 # --------------------------------------------------------------------------- exit codes
@@ -337,8 +340,9 @@ def test_pod_labels_cannot_break_the_selector() -> None:
 
 @pytest.mark.parametrize("job_kind", ["pytorchjob", "trainjob"])
 def test_run_policy_limits(job_kind: str) -> None:
+    ttl = {"ttlSecondsAfterFinished": 3600} if job_kind == "pytorchjob" else {}  # a TrainJob refuses it
     values = deep_merge(BASE, {"jobKind": job_kind, "runPolicy": {
-        "activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 3600, "suspend": True, "backoffLimit": 5}})
+        "activeDeadlineSeconds": 86400, "suspend": True, "backoffLimit": 5, **ttl}})
     spec = job_of(render(values))["spec"]
     if job_kind == "pytorchjob":
         assert {k: spec["runPolicy"][k] for k in ("activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend",
@@ -351,8 +355,6 @@ def test_run_policy_limits(job_kind: str) -> None:
 
 @pytest.mark.parametrize("override, words", [
     ({"scheduling": {"queue": "research"}}, ["scheduling.queue", "volcano"]),
-    ({"jobKind": "trainjob", "trainJob": {"createRuntime": True}, "restartPolicy": "Always"},
-     ["restartPolicy", "trainjob"]),
     ({"jobKind": "trainjob", "scheduling": {"schedulerName": "custom"}}, ["scheduling.schedulerName",
                                                                          "trainJob.createRuntime"]),
 ])
@@ -458,6 +460,17 @@ BAD_VALUES = {
     "fullname-60": ({"fullnameOverride": "a" * 60}, ["fullnameOverride"], "values"),
     "elastic-min-over-nodes": ({"nodes": 2, "elastic": {"enabled": True, "minNodes": 3}},
                                ["elastic.minNodes", "nodes"], "template"),
+    # Finding 16: a finished Master would restart forever.
+    "restart-always": ({"restartPolicy": "Always"}, ["'/restartPolicy'"], "values"),
+    # Finding 20: /dev/shm needs a size with a unit.
+    "shm-zero": ({"shmSize": "0"}, ["'/shmSize'"], "values"),
+    "shm-exponent": ({"shmSize": "1e3"}, ["'/shmSize'"], "values"),
+    "shm-number": ({"shmSize": 1073741824}, ["'/shmSize'"], "values"),
+    "shm-milli": ({"shmSize": "512m"}, ["'/shmSize'"], "values"),
+    "shm-zero-gi": ({"shmSize": "0Gi"}, ["shmSize", "1Mi"], "template"),
+    # The trainer side of finding 2: torchrun's rendezvous timeout.
+    "rendezvous-short": ({"training": {"rendezvousTimeoutSeconds": 30}},
+                         ["'/training/rendezvousTimeoutSeconds'"], "values"),
 }
 
 
@@ -471,17 +484,26 @@ def test_bad_values_fail_naming_the_value(case: str) -> None:
     assert info.value.stage == stage, str(info.value)
 
 
-def test_a_long_release_name_is_cut_to_a_dns_label() -> None:
-    name = "experiment-" + "x" * 42
+def test_a_release_name_up_to_the_limit_is_a_dns_label() -> None:
+    name = "experiment-" + "x" * 19  # + "-sam-train": 40 characters, the most allowed
     job = job_of(render(deep_merge(BASE, {"nodes": 32}), name=name))
     full = job["metadata"]["name"]
-    assert len(full) <= 40 and full.startswith("experiment-")
+    assert full == f"{name}-sam-train" and len(full) == 40
     try:
         validate(job)  # the name is a DNS-1035 label (a PyTorchJob's becomes Service names)
     except CrdsNotPresent:
         pass
     # The longest pod names the operators create stay DNS labels (63).
     assert len(f"{full}-worker-31") <= 63 and len(f"{full}-node-0-31-x7k2p") <= 63
+
+
+def test_a_long_release_name_fails_instead_of_being_cut() -> None:
+    # Finding 20: cut to 40 characters, two long release names could become one job name.
+    name = "experiment-" + "x" * 20  # + "-sam-train": 41 characters
+    with pytest.raises(RenderError) as info:
+        render(BASE, name=name)
+    message = str(info.value)
+    assert name in message and "40" in message and "fullnameOverride" in message, message
 
 
 def test_release_name_with_the_chart_name_is_used_as_is() -> None:
@@ -523,3 +545,273 @@ def test_pod_mistakes_fail_at_render_time(case: str) -> None:
 
 def test_lint_reports_bad_values() -> None:
     assert r.lint_errors(r.lint(deep_merge(BASE, {"nodes": 0})))
+
+
+# --------------------------------------------------------------------------- review findings (issue 9)
+
+
+def test_clean_pod_policy_defaults_to_running() -> None:
+    # Finding 5: `None` left the Pending/Running Workers of a failed job holding their GPUs.
+    assert job_of(render(BASE))["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    job = job_of(render(deep_merge(BASE, {"runPolicy": {"cleanPodPolicy": "None"}})))
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] == "None"
+
+
+#: Finding 6: (resources, shmSize) -> words of the message; None: renders.
+RESOURCE_CASES = {
+    "shm-equals-limit": ({"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi"}}, "16Gi",
+                         ["shmSize", "resources.limits.memory"]),
+    "shm-over-limit-other-unit": ({"requests": {"memory": "8Gi"}, "limits": {"memory": "16G"}}, "16Gi",
+                                  ["shmSize", "resources.limits.memory"]),
+    "no-memory-limit": ({"limits": None}, "16Gi", ["resources.limits.memory", "required"]),
+    "memory-request-over-limit": ({"requests": {"memory": "129Gi"}}, "16Gi",
+                                  ["resources.requests.memory", "resources.limits.memory"]),
+    "cpu-request-over-limit-milli": ({"requests": {"cpu": "1500m"}, "limits": {"cpu": "1"}}, "16Gi",
+                                     ["resources.requests.cpu", "resources.limits.cpu"]),
+    "decimal-request-over-binary-limit": ({"requests": {"memory": "1.1Gi"}, "limits": {"memory": "1G"}}, "64Mi",
+                                          ["resources.requests.memory"]),
+    "shm-just-below-limit": ({"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi"}}, "16383Mi", None),
+    "cpu-equal-in-two-notations": ({"requests": {"cpu": "1"}, "limits": {"cpu": "1000m"}}, "16Gi", None),
+    "decimal-below-binary": ({"requests": {"memory": "1G"}, "limits": {"memory": "1Gi"}}, "64Mi", None),
+    "exponent-request": ({"requests": {"memory": "1e9"}, "limits": {"memory": "1Gi"}}, "64Mi", None),
+    "unquoted-number": ({"requests": {"cpu": 2}, "limits": {"cpu": 2.5}}, "16Gi", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESOURCE_CASES))
+def test_shm_and_requests_fit_the_limits(case: str) -> None:
+    resources, shm, words = RESOURCE_CASES[case]
+    values = deep_merge(BASE, {"resources": resources, "shmSize": shm})
+    if words is None:
+        render(values)
+        return
+    with pytest.raises(RenderError) as info:
+        render(values)
+    assert info.value.stage == "template" and all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_restart_policy_exit_code_needs_a_backoff_limit() -> None:
+    # Finding 7: with backoffLimit 0 the operator fails the job at the first pod failure, a drain's 143 too.
+    with pytest.raises(RenderError) as info:
+        render(deep_merge(BASE, {"runPolicy": {"backoffLimit": 0}}))
+    assert "runPolicy.backoffLimit" in str(info.value) and "ExitCode" in str(info.value)
+    render(deep_merge(BASE, {"runPolicy": {"backoffLimit": 0}, "restartPolicy": "Never"}))
+
+
+@pytest.mark.parametrize("deadline", [None, 86400])
+def test_notes_say_backoff_limit_does_not_bound_exit_code_restarts(deadline: int | None) -> None:
+    # Finding 7: training-operator v1.9 never counts ExitCode restarts against backoffLimit.
+    text = notes(deep_merge(BASE, {"runPolicy": {"activeDeadlineSeconds": deadline},
+                                   "monitoring": {"prometheusRule": {"enabled": True}}}))
+    restarts = text[text.index("Restarts:"):text.index("Changing the run")]
+    assert "without a bound" in restarts and "OnFailure" in restarts and "SamTrainRestartingOften" in restarts
+    assert "at most 20 times" not in restarts
+    assert ("activeDeadlineSeconds=86400" if deadline else "Set runPolicy.activeDeadlineSeconds") in restarts
+
+
+def test_values_docs_say_backoff_limit_does_not_bound_exit_code_restarts() -> None:
+    text = (r.CHART_DIR / "values.yaml").read_text()
+    block = text[text.index("runPolicy:"):text.index("backoffLimit: 20")]
+    assert "OnFailure" in block and "without a bound" in block and "activeDeadlineSeconds" in block
+
+
+@pytest.mark.parametrize("key, owner", [("data.shards", "training.dataShards"), ("train.run_dir", "training.runDir"),
+                                        ("checkpoint.url", "training.checkpointUrl"),
+                                        ("metrics.port", "monitoring.port")])
+def test_extra_args_may_not_set_a_chart_owned_key(key: str, owner: str) -> None:
+    # Finding 8: `--set` wins over the file, so it would silently beat the chart's own value.
+    with pytest.raises(RenderError) as info:
+        render(deep_merge(BASE, {"training": {"extraArgs": ["optim.lr=1e-4", f"{key}=9999"]}}))
+    assert key in str(info.value) and owner in str(info.value) and "training.extraArgs" in str(info.value)
+
+
+def test_notes_global_batch_reads_extra_args_over_the_config() -> None:
+    # Finding 8: NOTES computed the batch from training.config although --set wins in the pod.
+    values = preset_values("vit-h-a100", {"nodes": 16, "training": {
+        "config": {"data": {"batch_size": 4}, "train": {"grad_accum": 8}},
+        "extraArgs": ["data.batch_size=1", "train.grad_accum=1", "train.grad_accum=2"]}})
+    text = notes(values)
+    assert re.search(r"16 nodes x 8 processes x 1 images \(data.batch_size\) x 2 \(train.grad_accum\) = 256 images",
+                     text), text
+    assert "WARNING" not in text
+
+
+def preset_header(name: str) -> str:
+    """The leading comment block of ``presets/<name>.yaml``."""
+    lines = (r.PRESETS_DIR / f"{name}.yaml").read_text().splitlines()
+    return "\n".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+def _set_lines(text: str) -> dict:
+    """``--set a.b=c`` pairs in ``text`` as nested values (YAML-typed, as helm --set types them)."""
+    out: dict = {}
+    for dotted, value in re.findall(r"--set\s+([A-Za-z][\w.]*)=(\S+)", text):
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024, "Ti": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def _gke_allocatable_gib(memory_gib: float) -> float:
+    """GKE's allocatable memory: its kubelet reserve (25% of 4 GiB, 20% of the next 4, 10% of the
+    next 8, 6% of the next 112, 2% above 128) and the 100 MiB eviction threshold."""
+    tiers = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (float("inf"), 0.02)]
+    reserved, left = 0.0, memory_gib
+    for size, share in tiers:
+        reserved += min(left, size) * share
+        left -= min(left, size)
+    return memory_gib - reserved - 0.1
+
+
+@pytest.mark.parametrize("preset", ["vit-b-a100", "vit-l-a100", "vit-h-a100"])
+def test_a100_presets_give_working_sets_for_the_40gb_gke_pool(preset: str) -> None:
+    # Finding 10: the comments said 40 GB pools work, but a2-highgpu-8g has 680 GB, not 1000Gi.
+    header = preset_header(preset)
+    block = header[header.index("a2-highgpu-8g"):]
+    block = block[:block.index("\n#   ", block.index("--set"))]
+    sets = _set_lines(block)
+    assert sets["nodePool"]["preset"] == "gke-a2-highgpu", block
+    values = preset_values(preset, sets)
+    resources = pod_view(job_of(render(values)))["resources"]
+    allocatable = _gke_allocatable_gib(680)  # a2-highgpu-8g: 680 GB of memory
+    assert _gib(resources["requests"]["memory"]) <= allocatable - 8, (resources, allocatable)  # system pods
+    assert _gib(resources["requests"]["memory"]) <= _gib(resources["limits"]["memory"])
+    assert "model.activation_checkpointing" in header  # 40 GB of GPU memory (ViT-B needs it turned on)
+
+
+@pytest.mark.parametrize("job_kind", ["pytorchjob", "trainjob"])
+def test_suspend_is_rendered_only_when_true(job_kind: str) -> None:
+    # Finding 14: a rendered `suspend: false` resumes a job Kueue suspended at every helm upgrade.
+    def spec(values: dict) -> dict:
+        job = job_of(render(deep_merge(BASE, {"jobKind": job_kind}, values)))
+        return job["spec"]["runPolicy"] if job_kind == "pytorchjob" else job["spec"]
+
+    assert "suspend" not in spec({}) and "suspend" not in spec({"runPolicy": {"suspend": False}})
+    assert spec({"runPolicy": {"suspend": True}})["suspend"] is True
+
+
+@pytest.mark.parametrize("preset", r.preset_names())
+def test_preset_headers_say_to_set_the_pushed_image(preset: str) -> None:
+    # Finding 15: no public image is published yet.
+    header = preset_header(preset)
+    assert "image.repository=" in header and "image.tag=" in header and "no public image" in header
+    readme = (r.CHART_DIR / "README.md").read_text()
+    assert "no public image is published yet" in readme.lower() and "image.repository" in readme
+
+
+@pytest.mark.parametrize("repository, fails", [
+    ("reg.io/team/sam-train:1.0", True), ("sam-train:e2e", True), ("reg.io/x@sha256:" + "ab" * 32, True),
+    ("localhost:5000/sam-train", False), ("reg.io/team/sam-train", False),
+])
+def test_image_repository_with_a_tag_is_refused(repository: str, fails: bool) -> None:
+    values = deep_merge(BASE, {"image": {"repository": repository}})
+    if not fails:
+        assert pod_view(job_of(render(values)))["image"] == f"{repository}:0.1.0"
+        return
+    with pytest.raises(RenderError) as info:
+        render(values)
+    assert "image.repository" in str(info.value) and "image.tag" in str(info.value), str(info.value)
+
+
+def test_default_image_repository_is_kept() -> None:
+    assert r.chart_defaults()["image"]["repository"] == "ghcr.io/sam-k8s/sam-train"
+
+
+def test_elastic_refuses_training_max_restarts() -> None:
+    # Finding 17: both become torchrun's --max-restarts.
+    values = deep_merge(BASE, {"nodes": 2, "elastic": {"enabled": True}, "training": {"maxRestarts": 2}})
+    with pytest.raises(RenderError) as info:
+        render(values)
+    assert "training.maxRestarts" in str(info.value) and "elastic" in str(info.value)
+
+
+def test_notes_for_elastic_jobs() -> None:
+    # Finding 17: what changes with elastic training.
+    text = notes(deep_merge(BASE, {"nodes": 4, "elastic": {"enabled": True, "minNodes": 2}}))
+    assert "global batch changes with the node count" in text
+    assert "data order restarts" in text
+    assert "not necessarily worker-0" in text and '"rank": 0' in text
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"jobKind": "trainjob", "runPolicy": {"ttlSecondsAfterFinished": 60}}, ["runPolicy.ttlSecondsAfterFinished"]),
+    ({"jobKind": "trainjob", "runPolicy": {"cleanPodPolicy": "None"}}, ["runPolicy.cleanPodPolicy"]),
+    ({"jobKind": "trainjob", "runPolicy": {"cleanPodPolicy": "All"}}, ["runPolicy.cleanPodPolicy"]),
+    ({"serviceAccount": {"create": False, "gcpServiceAccount": "t@p.iam.gserviceaccount.com"}},
+     ["serviceAccount.gcpServiceAccount", "serviceAccount.create"]),
+    ({"serviceAccount": {"create": False, "awsRoleArn": "arn:aws:iam::123456789012:role/sam"}},
+     ["serviceAccount.awsRoleArn", "serviceAccount.create"]),
+    ({"serviceAccount": {"create": False, "annotations": {"a": "b"}}}, ["serviceAccount.annotations"]),
+])
+def test_values_that_would_be_ignored_fail(override: dict, words: list[str]) -> None:
+    # Finding 18: fail instead of silently ignoring.
+    with pytest.raises(RenderError) as info:
+        render(deep_merge(BASE, override))
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize("shm", ["64Gi", "512Mi", "1G", "1Mi"])
+def test_shm_sizes_with_a_unit_render(shm: str) -> None:
+    render(deep_merge(BASE, {"shmSize": shm}))
+
+
+def test_trainjob_notes_port_forward_one_running_pod() -> None:
+    # Finding 21: `-o name` printed every pod of index 0 (old and new after a restart).
+    text = notes(deep_merge(BASE, {"jobKind": "trainjob"}))
+    line = next(line for line in text.splitlines() if line.strip().startswith("POD=$("))
+    assert "--field-selector=status.phase=Running" in line and "{.items[0].metadata.name}" in line
+    assert "-o name" not in line
+
+
+def test_manifests_readme_warns_to_replace_the_run_dir() -> None:
+    # Finding 22: two runs sharing base's run_dir placeholder resume each other's checkpoints.
+    text = (r.REPO_ROOT / "manifests" / "README.md").read_text()
+    assert "run_dir" in text and "resume each other's checkpoints" in text
+
+
+def test_chart_readme_explains_the_init_container_and_pod_security() -> None:
+    # Finding 11: the operator's init-pytorch container has no securityContext.
+    text = (r.CHART_DIR / "README.md").read_text()
+    assert "init-pytorch" in text and "--pytorch-init-container-template-file" in text
+    assert "pod-security.kubernetes.io/enforce=baseline" in text
+
+
+@pytest.mark.parametrize("job_kind, words", [("pytorchjob", "does not restart"), ("trainjob", "immutable")])
+def test_notes_and_readme_say_how_to_change_a_run(job_kind: str, words: str) -> None:
+    # Finding 13: helm upgrade does not change a running run.
+    text = notes(deep_merge(BASE, {"jobKind": job_kind}), name="exp7", namespace="team-a")
+    part = text[text.index("Changing the run"):]
+    assert words in part.split("\n\n")[0] and "helm uninstall exp7 -n team-a" in part
+    readme = (r.CHART_DIR / "README.md").read_text()
+    assert "helm upgrade" in readme and "immutable" in readme and "resumes from the newest checkpoint" in readme
+
+
+@pytest.mark.parametrize("grace, want", [(300, "285"), (600, "585"), (19, "5"), (0, "5")])
+def test_shutdown_timeout_follows_the_grace_period(grace: int, want: str) -> None:
+    # Finding 1 (chart side): torchrun's workers get the grace period minus 15 s after SIGTERM.
+    env = pod_view(job_of(render(deep_merge(BASE, {"terminationGracePeriodSeconds": grace}))))["env"]
+    assert env["SAM_SHUTDOWN_TIMEOUT_S"]["value"] == want
+    overridden = deep_merge(BASE, {"env": [{"name": "SAM_SHUTDOWN_TIMEOUT_S", "value": "42"}]})
+    assert pod_view(job_of(render(overridden)))["env"]["SAM_SHUTDOWN_TIMEOUT_S"]["value"] == "42"
+
+
+@pytest.mark.parametrize("job_kind", ["pytorchjob", "trainjob"])
+def test_rendezvous_timeout_reaches_torchrun(job_kind: str) -> None:
+    # Finding 2 (chart side): the command's --rdzv-conf, between trainer.dist and the module.
+    objects = render(deep_merge(BASE, {"jobKind": job_kind, "training": {"rendezvousTimeoutSeconds": 900}}))
+    command = command_of(objects)
+    assert command[:4] == ["python", "-m", "trainer.dist", "--rdzv-conf=join_timeout=900,timeout=900"]
+    assert command.index("-m", 3) > 3
+
+
+def test_elastic_rendezvous_timeout_is_in_the_elastic_policy() -> None:
+    job = job_of(render(deep_merge(BASE, {"nodes": 3, "elastic": {"enabled": True}})))
+    assert job["spec"]["elasticPolicy"]["rdzvConf"] == [{"key": "join_timeout", "value": "1800"}]
+    assert not any(a.startswith("--rdzv") for a in pod_view(job)["command"])

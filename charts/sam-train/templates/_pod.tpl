@@ -15,18 +15,38 @@ PodTemplateSpec from them. The pieces:
 {{- if gt (int .Values.gpusPerNode) 0 -}}true{{- end -}}
 {{- end -}}
 
-{{/* `python -m trainer.dist [--max-restarts N] -m trainer.train --config FILE [--set X ...]`. */}}
+{{/*
+`python -m trainer.dist [--rdzv-conf=join_timeout=N,timeout=N] [--max-restarts N] -m trainer.train
+--config FILE [--set X ...]`. No other rendezvous flags: torchrun reads the operator's PET_*
+variables as flag defaults. The rendezvous timeout (training.rendezvousTimeoutSeconds: how long
+each pod's torchrun waits for all pods of the job) is a flag of non-elastic jobs and TrainJobs;
+an elastic PyTorchJob carries it in elasticPolicy.rdzvConf, which the operator passes as
+PET_RDZV_CONF (a flag would replace that whole variable).
+*/}}
 {{- define "sam-train.command" -}}
 {{- $cmd := list "python" "-m" "trainer.dist" -}}
+{{- if not .Values.elastic.enabled -}}
+  {{- $timeout := int .Values.training.rendezvousTimeoutSeconds -}}
+  {{- $cmd = append $cmd (printf "--rdzv-conf=join_timeout=%d,timeout=%d" $timeout $timeout) -}}
+{{- end -}}
 {{- if gt (int .Values.training.maxRestarts) 0 -}}
   {{- $cmd = concat $cmd (list "--max-restarts" (toString (int .Values.training.maxRestarts))) -}}
 {{- end -}}
-{{- /* No rendezvous flags: torchrun reads the operator's PET_* variables as flag defaults. */ -}}
 {{- $cmd = concat $cmd (list "-m" "trainer.train" "--config" "/etc/sam-train/config.toml") -}}
 {{- range .Values.training.extraArgs -}}
   {{- $cmd = concat $cmd (list "--set" (toString .)) -}}
 {{- end -}}
 {{- toYaml (dict "command" $cmd) -}}
+{{- end -}}
+
+{{/*
+SAM_SHUTDOWN_TIMEOUT_S: the seconds the pod's torchrun wrapper gives its workers after SIGTERM
+to finish the step and write the checkpoint (torchrun's own 30 s is too short for ViT-H):
+terminationGracePeriodSeconds - 15, leaving the wrapper time to exit before the SIGKILL, and at
+least 5.
+*/}}
+{{- define "sam-train.shutdownTimeout" -}}
+{{- max 5 (sub (int .Values.terminationGracePeriodSeconds) 15) -}}
 {{- end -}}
 
 {{/*
@@ -43,6 +63,7 @@ entry replaces an earlier one of the same name (so `env` can override anything).
   {{- $env = append $env (dict "name" "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT" "value" "false") -}}
 {{- end -}}
 {{- $env = append $env (dict "name" "SAM_LOG_FORMAT" "value" "json") -}}
+{{- $env = append $env (dict "name" "SAM_SHUTDOWN_TIMEOUT_S" "value" (include "sam-train.shutdownTimeout" .)) -}}
 {{- if include "sam-train.gpu" . -}}
   {{- with .Values.nccl -}}
     {{- if .debug -}}
@@ -87,10 +108,10 @@ entry replaces an earlier one of the same name (so `env` can override anything).
 {{- define "sam-train.resources" -}}
 {{- $requests := dict -}}
 {{- $limits := dict -}}
-{{- range $k, $v := (default (dict) .Values.resources.requests) -}}
+{{- range $k, $v := (get .Values.resources "requests" | default (dict)) -}}
   {{- $_ := set $requests $k (toString $v) -}}
 {{- end -}}
-{{- range $k, $v := (default (dict) .Values.resources.limits) -}}
+{{- range $k, $v := (get .Values.resources "limits" | default (dict)) -}}
   {{- $_ := set $limits $k (toString $v) -}}
 {{- end -}}
 {{- if include "sam-train.gpu" . -}}
