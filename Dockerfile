@@ -56,13 +56,17 @@ RUN set -e; \
 # The runtime dependencies with extras gcs and s3, read from pyproject.toml (tomllib: Python
 # >= 3.11; on an older base the list stays empty and they come with the wheel below).
 FROM ${BASE_IMAGE} AS requirements
+# The package extras to install, comma-separated: gcs,s3 for training; add kfp for the image
+# the Kubeflow Pipelines steps run on (pipelines/: `--build-arg EXTRAS=gcs,s3,kfp`).
+ARG EXTRAS=gcs,s3
 COPY pyproject.toml /src/
-RUN if ! python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; x = p.get("optional-dependencies", {}); print("\n".join(p["dependencies"] + x.get("gcs", []) + x.get("s3", [])))' > /requirements.txt; \
+RUN if ! EXTRAS="$EXTRAS" python3 -c 'import os, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; x = p.get("optional-dependencies", {}); print("\n".join(p["dependencies"] + [d for e in os.environ["EXTRAS"].split(",") if e for d in x[e]]))' > /requirements.txt; \
     then : > /requirements.txt; fi; cat /requirements.txt
 
 # --------------------------------------------------------------------------- venv
 FROM pip AS venv
 ARG PIP_OFFLINE=0
+ARG EXTRAS=gcs,s3
 # Empty: keep the base's torch (GPU bases). Else a pip requirement such as torch==2.13.0,
 # from TORCH_INDEX_URL when set (e.g. https://download.pytorch.org/whl/cpu).
 ARG TORCH_SPEC=
@@ -82,11 +86,11 @@ COPY --from=requirements /requirements.txt /src/requirements.txt
 RUN set -e; \
     if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; else set --; fi; \
     if [ -s /src/requirements.txt ]; then /opt/venv/bin/pip install "$@" -r /src/requirements.txt; fi
-# The wheel with its object-storage extras; torch must stay the one chosen above.
+# The wheel with its extras (EXTRAS); torch must stay the one chosen above.
 COPY --from=wheel /dist /dist
 RUN set -e; \
     if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /wheelhouse; else set --; fi; \
-    /opt/venv/bin/pip install "$@" "$(ls /dist/sam_k8s_trainer-*.whl)[gcs,s3]"; \
+    /opt/venv/bin/pip install "$@" "$(ls /dist/sam_k8s_trainer-*.whl)[$EXTRAS]"; \
     before=$(cat /opt/torch-version); after=$(/opt/venv/bin/python -c "import torch; print(torch.__version__)"); \
     if [ "$before" != "$after" ]; then echo "error: installing the trainer replaced torch $before by $after" >&2; exit 1; fi; \
     echo "torch $after"; \

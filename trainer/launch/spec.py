@@ -201,6 +201,19 @@ class Monitoring:
     dashboard: Dashboard = _v("dashboard", Dashboard())
 
 
+@dataclass
+class LauncherRbac:
+    """``launcherRbac.*``: RBAC for the Kubeflow Pipelines launch step (chart-only objects)."""
+    enabled: bool = _v("enabled", False, fl.boolean())
+    service_account_name: str = _v("serviceAccountName", "pipeline-runner",
+                                   fl.string(min_length=1, max_length=253, pattern=fl.DNS1123_SUBDOMAIN_OR_EMPTY,
+                                             what="a service account name"))
+    service_account_namespace: str = _v("serviceAccountNamespace", "",
+                                        fl.string(max_length=63, pattern=fl.DNS1123_LABEL_OR_EMPTY,
+                                                  what="a namespace name"))
+    create_service_account: bool = _v("createServiceAccount", False, fl.boolean())
+
+
 _NAME = fl.string(max_length=MAX_FULLNAME, pattern=fl.DNS1035_OR_EMPTY, what="a DNS-1035 label")
 _SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                      "seccompProfile": {"type": "RuntimeDefault"}}
@@ -240,6 +253,7 @@ class JobSpec:
     elastic: Elastic = _v("elastic", Elastic())
     train_job: TrainJobSettings = _v("trainJob", TrainJobSettings())
     monitoring: Monitoring = _v("monitoring", Monitoring())
+    launcher_rbac: LauncherRbac = _v("launcherRbac", LauncherRbac())
 
     # ------------------------------------------------------------------ constructors
 
