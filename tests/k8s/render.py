@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import pytest
 import yaml
+from trainer.launch.setvalues import deep_merge  # Helm's -f merge, shared with the builder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "sam-train"
@@ -203,18 +204,6 @@ def chart_defaults() -> dict:
 @functools.lru_cache(maxsize=1)
 def _chart_defaults() -> dict:
     return yaml.load((CHART_DIR / "values.yaml").read_text(), Loader=_YAML_LOADER) or {}
-
-
-def deep_merge(base: Mapping[str, Any], *overrides: Mapping[str, Any]) -> dict:
-    """A new dict: maps merged key by key, anything else (lists too) replaced, as Helm merges -f files."""
-    merged = copy.deepcopy(dict(base))
-    for override in overrides:
-        for key, value in override.items():
-            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-                merged[key] = deep_merge(merged[key], value)
-            else:
-                merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def effective_values(*layers: Mapping[str, Any]) -> dict:

@@ -30,7 +30,6 @@ App ids are ``<namespace>:<job name>``. Without ``job_name`` the job is called
 from __future__ import annotations
 
 import codecs
-import copy
 import json
 import re
 import secrets
@@ -43,6 +42,7 @@ from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, R
 
 from trainer.launch.build import build_objects, job_object
 from trainer.launch.chart import CHART_NAME, MAX_FULLNAME
+from trainer.launch.setvalues import deep_merge
 from trainer.launch.spec import JobSpec
 from trainer.launch.torchx_component import METADATA_KEY, METADATA_VERSION, ROLE_NAME, mib_quantity
 from trainer.launch.watch import State, pytorchjob_status
@@ -202,17 +202,6 @@ def trainer_values(config: str, overrides: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def _merge(base: dict, override: Mapping[str, Any]) -> dict:
-    """Maps merged key by key (``override`` wins); anything else replaced."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _role_values(role: Role) -> dict[str, Any]:
     """What the role's own fields say: image, nodes, GPUs, CPU, memory, env, retries."""
     values: dict[str, Any] = {"nodes": role.num_replicas, "gpusPerNode": role.resource.gpu,
@@ -265,9 +254,9 @@ def job_name(app: AppDef, cfg: Mapping[str, Any]) -> str:
 def appdef_values(app: AppDef, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The chart values of ``app`` with run options ``cfg`` (see the module docstring)."""
     job = _job_inputs(app)
-    values = _merge(job["values"], trainer_values(job["config"], job["set"]))
-    values = _merge(values, _role_values(app.roles[0]))
-    return _merge(values, _opts_values(cfg))
+    values = deep_merge(job["values"], trainer_values(job["config"], job["set"]))
+    values = deep_merge(values, _role_values(app.roles[0]))
+    return deep_merge(values, _opts_values(cfg))
 
 
 def appdef_to_spec(app: AppDef, cfg: Mapping[str, Any]) -> JobSpec:
