@@ -32,10 +32,12 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
+
+from tests.loopback_http import LoopbackHttpServer
 
 RECORDINGS = Path(__file__).parent / "recordings"
 TOKEN = "fake-token-for-tests"
@@ -153,7 +155,7 @@ def _field_value(obj: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-class FakeApiServer:
+class FakeApiServer(LoopbackHttpServer):
     """The fake API server; use as a context manager (``with FakeApiServer() as api:``)."""
 
     def __init__(self, user: str = "system:serviceaccount:ml:launcher") -> None:
@@ -168,26 +170,7 @@ class FakeApiServer:
         self._lingering: dict[tuple[str, str, str, str], int] = {}
         self._version = 1000
         self._lock = threading.RLock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        # a short poll interval: shutdown() waits up to one interval (0.5 s by default, per test)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-apiserver", daemon=True)
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> "FakeApiServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        self._serve(self._handler_class(), "fake-apiserver")
 
     def write_kubeconfig(self, path: Path, namespace: str = "ml", token: str = TOKEN) -> Path:
         """A kubeconfig whose current context ``fake`` points at this server with a bearer token."""

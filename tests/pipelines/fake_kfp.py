@@ -20,9 +20,11 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.loopback_http import LoopbackHttpServer
 
 PREFIX = "/apis/v2beta1"
 
@@ -38,7 +40,7 @@ class Request:
     headers: dict[str, str]
 
 
-class FakeKfpServer:
+class FakeKfpServer(LoopbackHttpServer):
     """Use as a context manager; ``url`` is the ``--host`` to give the client."""
 
     def __init__(self, states: tuple[str, ...] = ("PENDING", "RUNNING", "SUCCEEDED")) -> None:
@@ -48,22 +50,7 @@ class FakeKfpServer:
         self.gets: dict[str, int] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-kfp", daemon=True)
-
-    def __enter__(self) -> "FakeKfpServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        self._serve(self._handler_class(), "fake-kfp")
 
     def received(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path == PREFIX + path]
