@@ -5,7 +5,7 @@ PYTHON ?= python3
 # CPU wheel for laptops and CI; GPU images bring their own CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test install-system demo test test-torchx test-kfp bench manifests e2e-kind pipeline
+.PHONY: install install-test install-system demo test test-torchx test-kfp bench bench-quick bench-gpu manifests e2e-kind pipeline
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -66,12 +66,17 @@ pipeline:
 	@test -x $(VENV_KFP)/bin/python || $(MAKE) --no-print-directory test-kfp
 	$(VENV_KFP)/bin/python -m pipelines.sam_pipeline --out pipelines/sam_pipeline.yaml
 
+# The benchmark suite (issue 11): ours vs the official modules, MFU, profile, scaling, data,
+# metrics, checkpoint -> benchmarks/REPORT.md (~6-10 minutes on 2 cores); bench-quick ~1 minute.
 bench: install-test
-	$(PYTHON) benchmarks/bench_encoder.py
-	$(PYTHON) benchmarks/bench_data.py --small
-	$(PYTHON) benchmarks/bench_prompts.py
-	$(PYTHON) benchmarks/bench_step.py
-	$(PYTHON) benchmarks/bench_metrics.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) benchmarks/report.py
+
+bench-quick: install-test
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) benchmarks/report.py --quick
+
+# The GPU part, one short script for a machine with a CUDA device -> benchmarks/REPORT-gpu.md.
+bench-gpu:
+	bash benchmarks/gpu.sh
 
 # Regenerate manifests/ (kustomize base + overlays) from the Helm chart; a test checks they agree.
 manifests:
