@@ -220,6 +220,133 @@ def match_region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return small.squeeze(1) >= 0.5
 
 
+@dataclass
+class LossTargets:
+    """Per-pixel constants of the fused loss, built once per step and shared by all rounds.
+
+    Per-pixel fields are N×HW (flattened pixels) in the logits' dtype: the α weight, the
+    region and the target are combined once per step instead of once per round.
+
+    Attributes:
+        target: GT in {0, 1} over the whole frame (read only through region-zeroed weights).
+        flip: ``1 - 2·target``, so ``1 - p_t = p·flip + target``.
+        focal_weight: α-balancing weight times the region (0 outside the image).
+        target_in: target inside the region.
+        region: 1 inside the region, 0 outside.
+        target_sum: N×1, target pixels inside the region.
+        count: N×1, region pixels clamped to >= 1 (the mean's divisor).
+        count_weights: N×HW×2, ``[target_in, region]`` as matmul columns for counts.
+        finite_guard: whether the region excludes pixels (then logits there are zeroed
+            before use, so a non-finite value in the padding cannot leak in as 0·inf).
+    """
+
+    target: torch.Tensor
+    flip: torch.Tensor
+    focal_weight: torch.Tensor
+    target_in: torch.Tensor
+    region: torch.Tensor
+    target_sum: torch.Tensor
+    count: torch.Tensor
+    count_weights: torch.Tensor
+    finite_guard: bool
+
+
+def loss_targets(
+    targets: torch.Tensor, region: torch.Tensor | None, alpha: float, dtype: torch.dtype
+) -> LossTargets:
+    """Build ``LossTargets`` from N×H×W binary targets and an optional N×H×W bool region."""
+    n = targets.shape[0]
+    t = targets.reshape(n, -1).to(dtype)
+    r = torch.ones_like(t) if region is None else region.reshape(n, -1).to(dtype)
+    a_t = torch.ones_like(t) if alpha < 0 else (1 - alpha) + (2 * alpha - 1) * t
+    t_in = t * r
+    return LossTargets(
+        target=t, flip=1 - 2 * t, focal_weight=a_t * r, target_in=t_in, region=r,
+        target_sum=t_in.sum(-1, keepdim=True), count=r.sum(-1, keepdim=True).clamp(min=1.0),
+        count_weights=torch.stack([t_in, r], dim=2), finite_guard=region is not None,
+    )
+
+
+def _pixel_sums(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """N×K×P values, N×P×J weights -> N×K×J sums over pixels (one batched matmul).
+
+    Used for counts of 0/1 values only: exact in fp32 below 2^24 pixels.
+    """
+    return torch.bmm(values, weights)
+
+
+class _FusedMaskLoss(torch.autograd.Function):
+    """Focal, dice and IoU target of N×K logits in one pass, with a closed-form backward.
+
+    The same formulas as ``focal_loss``, ``dice_loss`` and ``mask_iou`` (test-checked
+    against them), but no per-pixel intermediate is kept for backward: the backward
+    recomputes ``sigmoid`` from the saved logits, and the per-pixel constants come from
+    the per-step ``LossTargets``. The IoU target carries no gradient (as ``mask_iou``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, t: LossTargets, gamma: float):  # type: ignore[override]
+        n, k = logits.shape[:2]
+        x = logits.reshape(n, k, -1)
+        if t.finite_guard:
+            x = torch.where(t.region.unsqueeze(1) > 0, x, 0.0)
+        p = torch.sigmoid(x)
+        ce = F.binary_cross_entropy_with_logits(x, t.target.unsqueeze(1).expand_as(x), reduction="none")
+        one_minus_pt = torch.addcmul(t.target.unsqueeze(1), p, t.flip.unsqueeze(1))
+        focal_px = ce.mul_(one_minus_pt.pow_(gamma)) if gamma != 1 else ce.mul_(one_minus_pt)
+        # Float sums use torch's cascade summation (a matmul's running fp32 sum over 1M
+        # pixels is measurably less accurate); integer counts below go through a matmul,
+        # exact in fp32 up to 2^24 pixels.
+        focal = focal_px.mul_(t.focal_weight.unsqueeze(1)).sum(-1) / t.count
+        inter = (p * t.target_in.unsqueeze(1)).sum(-1)
+        prob_sum = p.mul_(t.region.unsqueeze(1)).sum(-1) if t.finite_guard else p.sum(-1)
+        denom = prob_sum + t.target_sum + 1
+        dice = 1 - (2 * inter + 1) / denom
+        pred = (x > 0).to(x.dtype)
+        iou_sums = _pixel_sums(pred, t.count_weights)
+        iou_inter = iou_sums[..., 0]
+        union = iou_sums[..., 1] + t.target_sum - iou_inter
+        iou = iou_inter / union.clamp(min=1.0)
+        ctx.save_for_backward(logits, inter, denom)
+        ctx.targets, ctx.gamma = t, gamma
+        ctx.mark_non_differentiable(iou)
+        return focal, dice, iou
+
+    @staticmethod
+    def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor, _grad_iou: torch.Tensor):  # type: ignore[override]
+        logits, inter, denom = ctx.saved_tensors
+        t, gamma = ctx.targets, ctx.gamma
+        n, k = logits.shape[:2]
+        x = logits.reshape(n, k, -1)
+        if t.finite_guard:
+            x = torch.where(t.region.unsqueeze(1) > 0, x, 0.0)
+        tgt, flip = t.target.unsqueeze(1), t.flip.unsqueeze(1)
+        p = torch.sigmoid(x)
+        dp = p * (1 - p)  # dσ/dx
+        q = torch.addcmul(tgt, p, flip)  # 1 - p_t
+        # d/dx [ce·q^γ] = (p - t)·q^γ + γ·ce·q^(γ-1)·flip·dσ/dx.
+        d_focal = (p - tgt).mul_(q.pow(gamma) if gamma != 1 else q)
+        if gamma != 0:
+            ce = F.binary_cross_entropy_with_logits(x, tgt.expand_as(x), reduction="none")
+            q_pow = q.pow_(gamma - 1) if gamma != 2 else q
+            d_focal.add_(ce.mul_(q_pow).mul_(flip).mul_(dp), alpha=gamma)
+        scale_f = (grad_focal / t.count).unsqueeze(2)  # N×K×1
+        grad = d_focal.mul_(t.focal_weight.unsqueeze(1)).mul_(scale_f)
+        # dice = 1 - (2I+1)/D: d/dp = region·((2I+1)/D² - 2·t/D).
+        c1 = (grad_dice * (2 * inter + 1) / denom**2).unsqueeze(2)
+        c2 = (grad_dice * 2 / denom).unsqueeze(2)
+        d_dice = (c1 * t.region.unsqueeze(1)).sub_(c2 * t.target_in.unsqueeze(1)).mul_(dp)
+        grad.add_(d_dice)
+        return grad.view_as(logits), None, None
+
+
+def fused_mask_losses(
+    logits: torch.Tensor, targets: LossTargets, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(focal, dice, IoU target), each N×K, of N×K×H×W logits; see ``_FusedMaskLoss``."""
+    return _FusedMaskLoss.apply(logits, targets, gamma)
+
+
 def round_loss(
     low_res_masks: torch.Tensor,
     iou_pred: torch.Tensor,
@@ -227,8 +354,12 @@ def round_loss(
     valid: torch.Tensor,
     cfg: LossConfig,
     region: torch.Tensor | None = None,
+    targets: LossTargets | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-mask losses of one round, min-over-outputs when K > 1, padding zeroed.
+
+    Focal, dice and the IoU target come from one fused pass (``fused_mask_losses``,
+    equal to ``focal_loss`` / ``dice_loss`` / ``mask_iou`` within fp32 rounding).
 
     Args:
         low_res_masks: N×K×h×w logits (K = 3 multimask, 1 single).
@@ -238,17 +369,20 @@ def round_loss(
         cfg: loss settings.
         region: N×H×W bool unpadded-image pixels (``image_region``); the loss ignores
             the rest of the frame. None = the whole frame.
+        targets: the step's ``LossTargets`` at the loss resolution (``sam_loss`` builds
+            them once for all rounds); None builds them here.
 
     Returns:
         dict ``loss_focal``, ``loss_dice``, ``loss_iou``: each N float (unweighted),
         and ``best`` N int64, the supervised output index.
     """
-    logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
-    if region is not None:
-        region = match_region(region, logits)
-    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, region)
-    dice = dice_loss(logits, targets, region)
-    iou = iou_loss(iou_pred, logits, targets, region)
+    logits, gt = match_resolution(low_res_masks, gt_masks, cfg.resolution)
+    if targets is None:
+        if region is not None:
+            region = match_region(region, logits)
+        targets = loss_targets(gt, region, cfg.focal_alpha, logits.dtype)
+    focal, dice, actual_iou = fused_mask_losses(logits, targets, cfg.focal_gamma)
+    iou = (iou_pred - actual_iou) ** 2
     # argmin of the weighted mask loss picks the output to supervise; the others get
     # no gradient because they are not selected by the gather.
     combo = cfg.weight_focal * focal + cfg.weight_dice * dice
@@ -262,6 +396,21 @@ def round_loss(
     parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
     parts["best"] = best.squeeze(1)
     return parts
+
+
+def _step_targets(
+    first_logits: torch.Tensor, gt_masks: torch.Tensor, region: torch.Tensor | None, cfg: LossConfig
+) -> LossTargets:
+    """The ``LossTargets`` at the loss resolution that every round of the step shares."""
+    if cfg.resolution == "gt" or first_logits.shape[-2:] == gt_masks.shape[-2:]:
+        gt = gt_masks.to(first_logits.dtype)
+    else:
+        gt = F.interpolate(gt_masks.to(first_logits.dtype).unsqueeze(1), size=first_logits.shape[-2:],
+                           mode="area").squeeze(1)
+        gt = (gt >= 0.5).to(first_logits.dtype)
+    if region is not None:
+        region = match_region(region, gt.unsqueeze(1))
+    return loss_targets(gt, region, cfg.focal_alpha, first_logits.dtype)
 
 
 def sam_loss(
@@ -295,8 +444,9 @@ def sam_loss(
     valid = valid.to(torch.bool)
     region = None if valid_hw is None else image_region(valid_hw.to(gt_masks.device), gt_masks.shape[-2:])
     totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
+    targets = _step_targets(rounds[0][0], gt_masks, region, cfg)  # shared by all rounds
     for low_res_masks, iou_pred in rounds:
-        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region)
+        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region, targets)
         totals = {key: value + parts[key].sum() for key, value in totals.items()}
     if isinstance(num_masks, torch.Tensor):
         denom = num_masks.to(gt_masks.device, torch.float32).clamp(min=1.0)

@@ -1,0 +1,210 @@
+"""The optimised training-step pieces compute the same math as the straightforward code.
+
+Each optimisation keeps its old formula here as a test-only reference and is checked
+against it on the same inputs: the same loss values and the same gradients within
+fp64 / fp32 rounding (never a change of recipe).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.loss import (
+    LossConfig,
+    dice_loss,
+    fused_mask_losses,
+    focal_loss,
+    iou_loss,
+    loss_targets,
+    match_region,
+    match_resolution,
+    round_loss,
+    sam_loss,
+)
+from trainer.prompts import image_region
+
+
+def reference_round_loss(
+    low_res_masks: torch.Tensor,
+    iou_pred: torch.Tensor,
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: LossConfig,
+    region: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The pre-fusion ``round_loss``: three separate autograd terms on upsampled logits."""
+    logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
+    if region is not None:
+        region = match_region(region, logits)
+    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, region)
+    dice = dice_loss(logits, targets, region)
+    iou = iou_loss(iou_pred, logits, targets, region)
+    combo = cfg.weight_focal * focal + cfg.weight_dice * dice
+    best = combo.detach().argmin(dim=1, keepdim=True)
+    parts = {
+        "loss_focal": focal.gather(1, best).squeeze(1),
+        "loss_dice": dice.gather(1, best).squeeze(1),
+        "loss_iou": iou.gather(1, best).squeeze(1),
+    }
+    parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
+    parts["best"] = best.squeeze(1)
+    return parts
+
+
+def reference_sam_loss(
+    rounds: list[tuple[torch.Tensor, torch.Tensor]],
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    num_masks: float,
+    cfg: LossConfig,
+    valid_hw: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The pre-fusion ``sam_loss`` built on ``reference_round_loss``."""
+    region = None if valid_hw is None else image_region(valid_hw, gt_masks.shape[-2:])
+    totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
+    for low_res, iou_pred in rounds:
+        parts = reference_round_loss(low_res, iou_pred, gt_masks, valid, cfg, region)
+        totals = {key: value + parts[key].sum() for key, value in totals.items()}
+    out = {key: value / max(num_masks, 1.0) for key, value in totals.items()}
+    out["loss"] = (cfg.weight_focal * out["loss_focal"] + cfg.weight_dice * out["loss_dice"]
+                   + cfg.weight_iou * out["loss_iou"])
+    return out
+
+
+def random_case(
+    n: int, ks: list[int], low: int, size: int, dtype: torch.dtype, seed: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Rounds of random logits (some near 0, some large), blob GT masks, padded sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    rounds = []
+    for k in ks:
+        logits = torch.randn(n, k, low, low, generator=gen, dtype=dtype) * 4
+        rounds.append((logits.requires_grad_(True), torch.rand(n, k, generator=gen, dtype=dtype)
+                       .requires_grad_(True)))
+    blobs = torch.rand(n, 1, low // 2, low // 2, generator=gen)
+    gt = F.interpolate(blobs, size=(size, size), mode="bilinear", align_corners=False).squeeze(1) > 0.6
+    gt[0] = False  # an empty GT mask
+    valid_hw = torch.stack([torch.randint(size // 2, size + 1, (n,), generator=gen),
+                            torch.randint(size // 2, size + 1, (n,), generator=gen)], dim=1)
+    valid_hw[0] = size  # one unpadded image
+    return rounds, gt, valid_hw
+
+
+def grads(out: torch.Tensor, rounds: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Gradients of ``out`` w.r.t. every round's logits and IoU predictions."""
+    leaves = [t for pair in rounds for t in pair]
+    return list(torch.autograd.grad(out, leaves))
+
+
+@pytest.mark.parametrize("resolution", ["gt", "low_res"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 2.0), (0.6, 0.0), (0.25, 1.0), (0.25, 3.0)])
+def test_fused_sam_loss_matches_reference_fp64(resolution: str, padded: bool, alpha: float, gamma: float) -> None:
+    """Same loss parts and the same gradients as the separate-term loss, to fp64 rounding."""
+    rounds, gt, valid_hw = random_case(5, [3, 1, 3], 8, 32, torch.float64, seed=1)
+    valid = torch.tensor([True, True, False, True, True])
+    cfg = LossConfig(resolution=resolution, focal_alpha=alpha, focal_gamma=gamma)
+    hw = valid_hw if padded else None
+    new = sam_loss(rounds, gt, valid, 4, cfg, valid_hw=hw)
+    ref = reference_sam_loss(rounds, gt, valid, 4, cfg, valid_hw=hw)
+    for key in ("loss_focal", "loss_dice"):
+        torch.testing.assert_close(new[key], ref[key], rtol=1e-10, atol=1e-12)
+    # The reference's IoU target is counted in fp32 (mask_iou's .float()); ours in the
+    # logits' dtype, exact for integer counts: the two agree to fp32 rounding.
+    for key in ("loss_iou", "loss"):
+        torch.testing.assert_close(new[key], ref[key], rtol=1e-6, atol=1e-9)
+    g_new, g_ref = grads(new["loss"], rounds), grads(ref["loss"], rounds)
+    for i, (a, b) in enumerate(zip(g_new, g_ref)):
+        if i % 2 == 0:  # logits: the IoU term has no gradient there, so fp64-tight
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        else:  # IoU head: 2·(pred - target), the target at fp32 rounding
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_sam_loss_matches_reference_fp32_at_training_sizes() -> None:
+    """fp32, 64×64 logits upsampled to 256², padded images: within fp32 rounding of the
+    reference, and no further from the fp64 truth than the reference itself is."""
+    rounds, gt, valid_hw = random_case(6, [3, 1, 1, 1], 64, 256, torch.float32, seed=2)
+    truth_rounds = [(x.detach().double().requires_grad_(True), y.detach().double().requires_grad_(True))
+                    for x, y in rounds]
+    valid = torch.ones(6, dtype=torch.bool)
+    cfg = LossConfig()
+    new = sam_loss(rounds, gt, valid, 6, cfg, valid_hw=valid_hw)
+    ref = reference_sam_loss(rounds, gt, valid, 6, cfg, valid_hw=valid_hw)
+    truth = reference_sam_loss(truth_rounds, gt, valid, 6, cfg, valid_hw=valid_hw)
+    for key in ref:
+        torch.testing.assert_close(new[key], ref[key], rtol=1e-4, atol=1e-6)
+        err_new = (new[key].double() - truth[key]).abs()
+        err_ref = (ref[key].double() - truth[key]).abs()
+        assert err_new <= 2 * err_ref + 1e-6 * truth[key].abs(), key
+    g_truth = grads(truth["loss"], truth_rounds)
+    for a, b, c in zip(grads(new["loss"], rounds), grads(ref["loss"], rounds), g_truth):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+        assert (a.double() - c).norm() <= 2 * (b.double() - c).norm() + 1e-6 * c.norm()
+
+
+def test_round_loss_matches_reference_and_picks_same_output() -> None:
+    """``round_loss`` without precomputed targets: same parts, same supervised index."""
+    rounds, gt, valid_hw = random_case(7, [3], 16, 64, torch.float64, seed=3)
+    region = image_region(valid_hw, (64, 64))
+    valid = torch.ones(7, dtype=torch.bool)
+    new = round_loss(*rounds[0], gt, valid, LossConfig(), region)
+    ref = reference_round_loss(*rounds[0], gt, valid, LossConfig(), region)
+    assert torch.equal(new["best"], ref["best"])
+    for key in ("loss_focal", "loss_dice"):
+        torch.testing.assert_close(new[key], ref[key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new["loss_iou"], ref["loss_iou"], rtol=1e-6, atol=1e-9)
+
+
+def test_fused_terms_match_each_reference_term() -> None:
+    """Each fused output (not only their weighted sum) equals its reference function."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(4, 3, 20, 20, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    gt = torch.rand(4, 20, 20, generator=gen) > 0.5
+    region = image_region(torch.tensor([[20, 20], [10, 15], [20, 5], [1, 1]]), (20, 20))
+    targets = loss_targets(gt, region, 0.25, torch.float64)
+    focal, dice, iou = fused_mask_losses(logits, targets, 2.0)
+    t = gt.double()
+    torch.testing.assert_close(focal, focal_loss(logits, t, 0.25, 2.0, region))
+    torch.testing.assert_close(dice, dice_loss(logits, t, region))
+    ref_iou = iou_loss(torch.zeros(4, 3, dtype=torch.float64), logits, t, region).sqrt()
+    torch.testing.assert_close(iou, ref_iou, rtol=1e-6, atol=1e-9)
+    assert not iou.requires_grad  # the IoU target is detached, as mask_iou
+    for fused, ref in ((focal, focal_loss(logits, t, 0.25, 2.0, region)), (dice, dice_loss(logits, t, region))):
+        w = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        g_f, = torch.autograd.grad((fused * w).sum(), logits, retain_graph=True)
+        g_r, = torch.autograd.grad((ref * w).sum(), logits)
+        torch.testing.assert_close(g_f, g_r)
+
+
+def test_fused_backward_passes_gradcheck() -> None:
+    """The closed-form backward against finite differences (fp64)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
+    gt = torch.rand(2, 5, 5, generator=gen) > 0.5
+    region = image_region(torch.tensor([[5, 5], [3, 4]]), (5, 5))
+    targets = loss_targets(gt, region, 0.25, torch.float64)
+    assert torch.autograd.gradcheck(lambda x: fused_mask_losses(x, targets, 2.0)[:2], (logits,))
+
+
+def test_fused_loss_ignores_non_finite_logits_in_padding() -> None:
+    """inf / nan in the padding change neither the loss nor the in-image gradient."""
+    rounds, gt, valid_hw = random_case(3, [3], 8, 32, torch.float64, seed=6)
+    valid_hw[:] = torch.tensor([16, 20])
+    valid = torch.ones(3, dtype=torch.bool)
+    clean = rounds[0][0].detach().clone().requires_grad_(True)
+    dirty = clean.detach().clone()
+    dirty[:, :, 6:, :] = float("nan")
+    dirty[:, :, :, 7:] = float("inf")
+    dirty.requires_grad_(True)
+    out_clean = sam_loss([(clean, rounds[0][1])], gt, valid, 3, LossConfig(), valid_hw=valid_hw)
+    out_dirty = sam_loss([(dirty, rounds[0][1])], gt, valid, 3, LossConfig(), valid_hw=valid_hw)
+    assert torch.isfinite(out_dirty["loss"])
+    torch.testing.assert_close(out_dirty["loss"], out_clean["loss"], rtol=0, atol=0)
+    g_clean, = torch.autograd.grad(out_clean["loss"], clean)
+    g_dirty, = torch.autograd.grad(out_dirty["loss"], dirty)
+    inside = torch.zeros_like(g_clean, dtype=torch.bool)
+    inside[:, :, :4, :5] = True  # low-res cells whose upsampled footprint is all image
+    torch.testing.assert_close(g_dirty[inside], g_clean[inside], rtol=0, atol=0)
