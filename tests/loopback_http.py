@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self
+
+
+@dataclass
+class Request:
+    """One request a fake server saw (``body`` parsed from JSON, or None)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]
 
 
 class LoopbackHttpServer:

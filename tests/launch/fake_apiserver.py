@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from tests.loopback_http import LoopbackHttpServer
+from tests.loopback_http import LoopbackHttpServer, Request
 
 RECORDINGS = Path(__file__).parent / "recordings"
 TOKEN = "fake-token-for-tests"
@@ -81,15 +81,6 @@ def status_object(code: int, reason: str, message: str, details: Mapping[str, An
     return body
 
 
-@dataclass
-class Request:
-    """One request the server saw (``body`` parsed from JSON, or None)."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    headers: dict[str, str]
 
 
 @dataclass

@@ -19,25 +19,15 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.loopback_http import LoopbackHttpServer
+from tests.loopback_http import LoopbackHttpServer, Request
 
 PREFIX = "/apis/v2beta1"
 
 
-@dataclass
-class Request:
-    """One request the server saw."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    headers: dict[str, str]
 
 
 class FakeKfpServer(LoopbackHttpServer):
