@@ -235,7 +235,6 @@ class LossTargets:
         region: 1 inside the region, 0 outside.
         target_sum: N×1, target pixels inside the region.
         count: N×1, region pixels clamped to >= 1 (the mean's divisor).
-        count_weights: N×HW×2, ``[target_in, region]`` as matmul columns for counts.
         finite_guard: whether the region excludes pixels (then logits there are zeroed
             before use, so a non-finite value in the padding cannot leak in as 0·inf).
     """
@@ -247,7 +246,6 @@ class LossTargets:
     region: torch.Tensor
     target_sum: torch.Tensor
     count: torch.Tensor
-    count_weights: torch.Tensor
     finite_guard: bool
 
 
@@ -263,16 +261,8 @@ def loss_targets(
     return LossTargets(
         target=t, flip=1 - 2 * t, focal_weight=a_t * r, target_in=t_in, region=r,
         target_sum=t_in.sum(-1, keepdim=True), count=r.sum(-1, keepdim=True).clamp(min=1.0),
-        count_weights=torch.stack([t_in, r], dim=2), finite_guard=region is not None,
+        finite_guard=region is not None,
     )
-
-
-def _pixel_sums(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """N×K×P values, N×P×J weights -> N×K×J sums over pixels (one batched matmul).
-
-    Used for counts of 0/1 values only: exact in fp32 below 2^24 pixels.
-    """
-    return torch.bmm(values, weights)
 
 
 class _FusedMaskLoss(torch.autograd.Function):
@@ -294,18 +284,17 @@ class _FusedMaskLoss(torch.autograd.Function):
         ce = F.binary_cross_entropy_with_logits(x, t.target.unsqueeze(1).expand_as(x), reduction="none")
         one_minus_pt = torch.addcmul(t.target.unsqueeze(1), p, t.flip.unsqueeze(1))
         focal_px = ce.mul_(one_minus_pt.pow_(gamma)) if gamma != 1 else ce.mul_(one_minus_pt)
-        # Float sums use torch's cascade summation (a matmul's running fp32 sum over 1M
-        # pixels is measurably less accurate); integer counts below go through a matmul,
-        # exact in fp32 up to 2^24 pixels.
+        # torch's cascade summation throughout (a matmul's running fp32 sum over 1M pixels is
+        # measurably less accurate, and a matmul would count as model FLOPs in flop counters).
         focal = focal_px.mul_(t.focal_weight.unsqueeze(1)).sum(-1) / t.count
         inter = (p * t.target_in.unsqueeze(1)).sum(-1)
         prob_sum = p.mul_(t.region.unsqueeze(1)).sum(-1) if t.finite_guard else p.sum(-1)
         denom = prob_sum + t.target_sum + 1
         dice = 1 - (2 * inter + 1) / denom
         pred = (x > 0).to(x.dtype)
-        iou_sums = _pixel_sums(pred, t.count_weights)
-        iou_inter = iou_sums[..., 0]
-        union = iou_sums[..., 1] + t.target_sum - iou_inter
+        iou_inter = (pred * t.target_in.unsqueeze(1)).sum(-1)
+        pred_in = (pred * t.region.unsqueeze(1)).sum(-1) if t.finite_guard else pred.sum(-1)
+        union = pred_in + t.target_sum - iou_inter
         iou = iou_inter / union.clamp(min=1.0)
         ctx.save_for_backward(logits, inter, denom)
         ctx.targets, ctx.gamma = t, gamma
