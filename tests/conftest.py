@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 # google-auth pings the GCE metadata server (a link-local address) when looking for
@@ -23,7 +24,7 @@ import subprocess
 import time
 import types
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn, Sequence
 
 import pytest
 
@@ -33,16 +34,47 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run (``CI`` set, as ``.ci/run`` runs): ``make test`` installed everything."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose real part cannot run here; under CI fail instead.
+
+    ``make test`` installs every such part on the CI machine, so a skip there would hide a
+    broken install step.
+    """
+    if in_ci():
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def needs_binary(name: str, package: str) -> pytest.MarkDecorator:
     """Skip a test where the program ``name`` is not installed, saying which package has it.
 
-    Under CI (``CI`` set, as ``.ci/run`` runs) a missing program is an error instead:
-    ``make test`` installs it there, so a skip would hide a broken install step.
+    Under CI a missing program is an error instead (see :func:`unavailable`).
     """
-    if shutil.which(name) is None and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if shutil.which(name) is None and in_ci():
         raise RuntimeError(f"CI: `{name}` is not on PATH although `make test` installs it (package {package})")
     return pytest.mark.skipif(shutil.which(name) is None,
                               reason=f"needs `{name}` (package {package}; `make test` installs it with apt as root)")
+
+
+def require_test_env(env: str, modules: Sequence[str], install: str) -> None:
+    """Skip the calling module unless ``modules`` import; fail if ``SAM_TEST_ENV`` is ``env``.
+
+    The TorchX and KFP tests run in venvs of their own (torchx 0.7.0 and kfp 2.17 cannot share
+    one): elsewhere they are skipped; in their venv a missing package is a broken install.
+    """
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as err:
+        if os.environ.get("SAM_TEST_ENV") == env:
+            pytest.fail(f"SAM_TEST_ENV={env} but {err.name or modules[0]} is not importable ({err}): "
+                        f"the venv lacks the {env} extra ({install})", pytrace=False)
+        pytest.skip(f"runs in .venv-{env}: make test-{env}", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")

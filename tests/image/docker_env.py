@@ -30,9 +30,9 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NoReturn, Sequence
+from typing import Iterator, Sequence
 
-import pytest
+from tests.conftest import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,6 @@ MAX_TORCH_WHEEL_BYTES = 600 * 2**20
 
 #: Seconds each stage took in this session (printed at the end of the session).
 TIMINGS: dict[str, float] = {}
-
-
-def in_ci() -> bool:
-    """Whether this runs under CI, where a missing tool is an error, not a skip."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip (locally) or fail (under CI) because a part of the setup cannot run."""
-    if in_ci():
-        pytest.fail(f"CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @contextlib.contextmanager

@@ -19,13 +19,12 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import pytest
 import yaml
+from tests.conftest import unavailable
 from trainer.launch.setvalues import deep_merge  # Helm's -f merge, shared with the builder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,19 +66,12 @@ class RenderError(Exception):
         self.message = message
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def helm() -> types.ModuleType:
     """``helm_python``, or skip the test (fail under CI, where ``make test`` installs it)."""
     try:
         import helm_python
     except ImportError as err:
-        if _under_ci():
-            pytest.fail(f"CI: helm_python is not importable although the test extras install it "
-                        f"(helm-python-sdk==0.2.2): {err}")
-        pytest.skip(f"needs helm_python (pip install helm-python-sdk==0.2.2): {err}")
+        unavailable(f"needs helm_python (the test extras install helm-python-sdk==0.2.2): {err}")
     return helm_python
 
 

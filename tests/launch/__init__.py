@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import os
 
-import pytest
+
+from tests.conftest import unavailable
 
 
 def require_kubernetes() -> None:
@@ -16,6 +16,4 @@ def require_kubernetes() -> None:
     try:
         importlib.import_module("kubernetes")
     except ImportError as err:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI: the kubernetes client is not importable although the launch extra installs it: {err}")
-        pytest.skip(f"needs the kubernetes client (pip install -e '.[launch]'): {err}", allow_module_level=True)
+        unavailable(f"needs the kubernetes client (the test and launch extras install it): {err}")

@@ -9,21 +9,12 @@ importing kfp: in another environment the module is skipped, in the kfp one a mi
 
 from __future__ import annotations
 
-import os
-
-import pytest
+from tests.conftest import require_test_env
 
 ENV_NAME = "kfp"
 SKIP_REASON = "runs in .venv-kfp: make test-kfp"
 
 
 def require_kfp() -> None:
-    """Skip the calling test module unless kfp and kfp-kubernetes import; fail if this is the kfp env."""
-    try:
-        import kfp  # noqa: F401
-        from kfp import kubernetes  # noqa: F401
-    except ImportError as err:
-        if os.environ.get("SAM_TEST_ENV") == ENV_NAME:
-            pytest.fail(f"SAM_TEST_ENV={ENV_NAME} but kfp is not importable ({err}): the venv lacks the kfp "
-                        f"extra (pip install -e '.[gcs,kfp,test]')", pytrace=False)
-        pytest.skip(SKIP_REASON, allow_module_level=True)
+    """Skip the calling test module outside ``.venv-kfp``; fail there if kfp is missing."""
+    require_test_env(ENV_NAME, ("kfp", "kfp.kubernetes"), "pip install -e '.[gcs,kfp,test]'")

@@ -9,21 +9,12 @@ torchx is a failure (a broken install must not pass as skipped).
 
 from __future__ import annotations
 
-import os
-
-import pytest
+from tests.conftest import require_test_env
 
 ENV_NAME = "torchx"
 SKIP_REASON = "runs in .venv-torchx: make test-torchx"
 
 
 def require_torchx() -> None:
-    """Skip the calling test module unless torchx is importable; fail if this is the torchx env."""
-    try:
-        import torchx  # noqa: F401  (only whether it imports)
-    except ImportError as err:
-        if os.environ.get("SAM_TEST_ENV") == ENV_NAME:
-            pytest.fail(f"SAM_TEST_ENV={ENV_NAME} but torchx is not importable ({err}): "
-                        f"the venv lacks the torchx extra (pip install -e '.[gcs,torchx,test]')",
-                        pytrace=False)
-        pytest.skip(SKIP_REASON, allow_module_level=True)
+    """Skip the calling test module outside ``.venv-torchx``; fail there if torchx is missing."""
+    require_test_env(ENV_NAME, ("torchx",), "pip install -e '.[gcs,torchx,test]'")
