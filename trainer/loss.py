@@ -192,15 +192,25 @@ def match_resolution(
         (logits N×K×R×R', targets N×R×R' float) at GT (``"gt"``) or logits
         (``"low_res"``) resolution.
     """
+    return logits_at(logits, gt_masks.shape[-2:], resolution), targets_at(gt_masks, logits, resolution)
+
+
+def logits_at(logits: torch.Tensor, gt_hw: Sequence[int], resolution: str) -> torch.Tensor:
+    """The logits half of :func:`match_resolution`: N×K×h×w upsampled to ``gt_hw`` for ``"gt"``."""
+    if resolution != "gt" or tuple(logits.shape[-2:]) == tuple(gt_hw):
+        return logits
+    # SAM's postprocess_masks upsamples the same way (align_corners=False).
+    return F.interpolate(logits, size=tuple(gt_hw), mode="bilinear", align_corners=False)
+
+
+def targets_at(gt_masks: torch.Tensor, logits: torch.Tensor, resolution: str) -> torch.Tensor:
+    """The GT half of :func:`match_resolution`: N×H×W as ``logits``' dtype, area-downsampled
+    and re-binarised to the logits' h×w for ``"low_res"``."""
     gt = gt_masks.to(logits.dtype)
-    if logits.shape[-2:] == gt.shape[-2:]:
-        return logits, gt
-    if resolution == "gt":
-        # SAM's postprocess_masks upsamples the same way (align_corners=False).
-        logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, gt
+    if resolution == "gt" or logits.shape[-2:] == gt.shape[-2:]:
+        return gt
     gt = F.interpolate(gt.unsqueeze(1), size=logits.shape[-2:], mode="area").squeeze(1)
-    return logits, (gt >= 0.5).to(logits.dtype)
+    return (gt >= 0.5).to(logits.dtype)
 
 
 def match_region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -365,11 +375,9 @@ def round_loss(
         dict ``loss_focal``, ``loss_dice``, ``loss_iou``: each N float (unweighted),
         and ``best`` N int64, the supervised output index.
     """
-    logits, gt = match_resolution(low_res_masks, gt_masks, cfg.resolution)
+    logits = logits_at(low_res_masks, gt_masks.shape[-2:], cfg.resolution)
     if targets is None:
-        if region is not None:
-            region = match_region(region, logits)
-        targets = loss_targets(gt, region, cfg.focal_alpha, logits.dtype)
+        targets = _step_targets(low_res_masks, gt_masks, region, cfg)
     focal, dice, actual_iou = fused_mask_losses(logits, targets, cfg.focal_gamma)
     iou = (iou_pred - actual_iou) ** 2
     # argmin of the weighted mask loss picks the output to supervise; the others get
@@ -391,12 +399,7 @@ def _step_targets(
     first_logits: torch.Tensor, gt_masks: torch.Tensor, region: torch.Tensor | None, cfg: LossConfig
 ) -> LossTargets:
     """The ``LossTargets`` at the loss resolution that every round of the step shares."""
-    if cfg.resolution == "gt" or first_logits.shape[-2:] == gt_masks.shape[-2:]:
-        gt = gt_masks.to(first_logits.dtype)
-    else:
-        gt = F.interpolate(gt_masks.to(first_logits.dtype).unsqueeze(1), size=first_logits.shape[-2:],
-                           mode="area").squeeze(1)
-        gt = (gt >= 0.5).to(first_logits.dtype)
+    gt = targets_at(gt_masks, first_logits, cfg.resolution)
     if region is not None:
         region = match_region(region, gt.unsqueeze(1))
     return loss_targets(gt, region, cfg.focal_alpha, first_logits.dtype)
