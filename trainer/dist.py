@@ -85,6 +85,12 @@ _PEER_FAILURE_TEXT = ("gloo/transport", "Connection reset by peer", "Connection 
                       "Broken pipe", "Timed out waiting", "Socket Timeout", "NCCL communicator was aborted")
 
 
+#: ``torch.distributed.DistError`` where this torch has it (DistBackendError for NCCL,
+#: DistNetworkError, DistStoreError): the errors of the process group and its store.
+DIST_ERRORS: tuple[type[BaseException], ...] = (
+    (tdist.DistError,) if isinstance(getattr(tdist, "DistError", None), type) else ())
+
+
 def is_peer_failure(err: BaseException) -> bool:
     """Whether ``err`` means another rank died or hung, not that this rank is broken.
 
@@ -94,8 +100,8 @@ def is_peer_failure(err: BaseException) -> bool:
     these ranks exit :attr:`ExitCode.PEER_LOST` instead, a retried code, and the job
     resumes from the last checkpoint when the pods are back.
     """
-    if isinstance(err, getattr(tdist, "DistError", ())):
-        return True  # DistBackendError (NCCL), DistNetworkError, DistStoreError
+    if isinstance(err, DIST_ERRORS):
+        return True
     return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_FAILURE_TEXT)
 
 

@@ -17,7 +17,7 @@ import math
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-from trainer.dist import DistEnvError, ExitCode
+from trainer.dist import DIST_ERRORS, DistEnvError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,6 @@ def exit_code_after_signal(sigval: int, worker_codes: Sequence[int]) -> int:
     return permanent[0] if permanent else 128 + int(sigval)
 
 
-def _dist_errors(tdist: Any) -> tuple[type[BaseException], ...]:
-    """``torch.distributed.DistError`` where this torch has it (the store and network errors)."""
-    error = getattr(tdist, "DistError", None)
-    return (error,) if isinstance(error, type) else ()
-
-
 def setup_launcher_logging() -> None:
     """Log lines of the launcher (this process) in the trainer's format: JSON in pods.
 
@@ -166,7 +160,6 @@ def run_torchrun(argv: Sequence[str]) -> int:
     with a code of :data:`PERMANENT_EXIT_CODES` are not restarted, whatever
     ``--max-restarts`` says.
     """
-    import torch.distributed as tdist
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -182,7 +175,7 @@ def run_torchrun(argv: Sequence[str]) -> int:
     try:
         with _patched_agent(worker_codes):
             torchrun.run(torchrun.parse_args(list(argv)))
-    except (RendezvousError, *_dist_errors(tdist)) as err:
+    except (RendezvousError, *DIST_ERRORS) as err:
         # The other pods did not join in time (Pending, still starting) or their agent
         # vanished (the store host, an elastic peer): this pod is fine, the job is not
         # whole. 1 would make restartPolicy ExitCode fail the job for good.
