@@ -7,7 +7,8 @@ is the straightforward loop a user of the official code would write, kept fair:
 
 - the same images, masks, prompts (our prompt sampler, same generator seed and call order,
   so the same round plan, round-1 points/boxes and error-region clicks) and loss
-  (``trainer.loss.sam_loss``: focal 20 / dice 1 / IoU MSE);
+  (``trainer.loss.reference_sam_loss``, the straightforward SAM2-style formulation of
+  our loss: focal 20 / dice 1 / IoU MSE on the upsampled logits of every output);
 - per round, all masks of an image through the official prompt encoder and decoder in ONE
   batched call (the official decoder repeats the image embedding per mask, as the official
   predictor batches prompts); previous low-res logits fed back as the mask prompt;
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts: bench_train
 
 from trainer.data import Batch  # noqa: E402
-from trainer.loss import LossConfig, sam_loss  # noqa: E402
+from trainer.loss import LossConfig, reference_sam_loss  # noqa: E402
 from trainer.model.build import SamSpec  # noqa: E402
 from trainer.model.checkpoint_io import clean_state_dict  # noqa: E402
 from trainer.model.reference import import_official_sam  # noqa: E402
@@ -234,7 +235,7 @@ def baseline_losses(official: nn.Module, batch: Batch, prompts: PromptConfig, lo
     with timer("loss"), torch.autocast(device_type, enabled=False):
         valid = torch.ones(gt.shape[0], dtype=torch.bool, device=gt.device)
         outputs = [(low.float(), iou.float()) for low, iou in rounds]
-        return sam_loss(outputs, gt, valid, float(gt.shape[0]), loss_cfg, valid_hw=valid_hw)
+        return reference_sam_loss(outputs, gt, valid, float(gt.shape[0]), loss_cfg, valid_hw=valid_hw)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.mask_loss import LossTargets, loss_targets, supervised_mask_loss
 from trainer.prompts import image_region
 
 LOSS_RESOLUTIONS = ("gt", "low_res")
@@ -230,122 +231,6 @@ def match_region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return small.squeeze(1) >= 0.5
 
 
-@dataclass
-class LossTargets:
-    """Per-pixel constants of the fused loss, built once per step and shared by all rounds.
-
-    Per-pixel fields are N×HW (flattened pixels) in the logits' dtype: the α weight, the
-    region and the target are combined once per step instead of once per round.
-
-    Attributes:
-        target: GT in {0, 1} over the whole frame (read only through region-zeroed weights).
-        flip: ``1 - 2·target``, so ``1 - p_t = p·flip + target``.
-        focal_weight: α-balancing weight times the region (0 outside the image).
-        target_in: target inside the region.
-        region: 1 inside the region, 0 outside.
-        target_sum: N×1, target pixels inside the region.
-        count: N×1, region pixels clamped to >= 1 (the mean's divisor).
-        finite_guard: whether the region excludes pixels (then logits there are zeroed
-            before use, so a non-finite value in the padding cannot leak in as 0·inf).
-    """
-
-    target: torch.Tensor
-    flip: torch.Tensor
-    focal_weight: torch.Tensor
-    target_in: torch.Tensor
-    region: torch.Tensor
-    target_sum: torch.Tensor
-    count: torch.Tensor
-    finite_guard: bool
-
-
-def loss_targets(
-    targets: torch.Tensor, region: torch.Tensor | None, alpha: float, dtype: torch.dtype
-) -> LossTargets:
-    """Build ``LossTargets`` from N×H×W binary targets and an optional N×H×W bool region."""
-    n = targets.shape[0]
-    t = targets.reshape(n, -1).to(dtype)
-    r = torch.ones_like(t) if region is None else region.reshape(n, -1).to(dtype)
-    a_t = torch.ones_like(t) if alpha < 0 else (1 - alpha) + (2 * alpha - 1) * t
-    t_in = t * r
-    return LossTargets(
-        target=t, flip=1 - 2 * t, focal_weight=a_t * r, target_in=t_in, region=r,
-        target_sum=t_in.sum(-1, keepdim=True), count=r.sum(-1, keepdim=True).clamp(min=1.0),
-        finite_guard=region is not None,
-    )
-
-
-class _FusedMaskLoss(torch.autograd.Function):
-    """Focal, dice and IoU target of N×K logits in one pass, with a closed-form backward.
-
-    The same formulas as ``focal_loss``, ``dice_loss`` and ``mask_iou`` (test-checked
-    against them), but no per-pixel intermediate is kept for backward: the backward
-    recomputes ``sigmoid`` from the saved logits, and the per-pixel constants come from
-    the per-step ``LossTargets``. The IoU target carries no gradient (as ``mask_iou``).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, t: LossTargets, gamma: float):  # type: ignore[override]
-        n, k = logits.shape[:2]
-        x = logits.reshape(n, k, -1)
-        if t.finite_guard:
-            x = torch.where(t.region.unsqueeze(1) > 0, x, 0.0)
-        p = torch.sigmoid(x)
-        ce = F.binary_cross_entropy_with_logits(x, t.target.unsqueeze(1).expand_as(x), reduction="none")
-        one_minus_pt = torch.addcmul(t.target.unsqueeze(1), p, t.flip.unsqueeze(1))
-        focal_px = ce.mul_(one_minus_pt.pow_(gamma)) if gamma != 1 else ce.mul_(one_minus_pt)
-        # torch's cascade summation throughout (a matmul's running fp32 sum over 1M pixels is
-        # measurably less accurate, and a matmul would count as model FLOPs in flop counters).
-        focal = focal_px.mul_(t.focal_weight.unsqueeze(1)).sum(-1) / t.count
-        inter = (p * t.target_in.unsqueeze(1)).sum(-1)
-        prob_sum = p.mul_(t.region.unsqueeze(1)).sum(-1) if t.finite_guard else p.sum(-1)
-        denom = prob_sum + t.target_sum + 1
-        dice = 1 - (2 * inter + 1) / denom
-        pred = (x > 0).to(x.dtype)
-        iou_inter = (pred * t.target_in.unsqueeze(1)).sum(-1)
-        pred_in = (pred * t.region.unsqueeze(1)).sum(-1) if t.finite_guard else pred.sum(-1)
-        union = pred_in + t.target_sum - iou_inter
-        iou = iou_inter / union.clamp(min=1.0)
-        ctx.save_for_backward(logits, inter, denom)
-        ctx.targets, ctx.gamma = t, gamma
-        ctx.mark_non_differentiable(iou)
-        return focal, dice, iou
-
-    @staticmethod
-    def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor, _grad_iou: torch.Tensor):  # type: ignore[override]
-        logits, inter, denom = ctx.saved_tensors
-        t, gamma = ctx.targets, ctx.gamma
-        n, k = logits.shape[:2]
-        x = logits.reshape(n, k, -1)
-        if t.finite_guard:
-            x = torch.where(t.region.unsqueeze(1) > 0, x, 0.0)
-        tgt, flip = t.target.unsqueeze(1), t.flip.unsqueeze(1)
-        p = torch.sigmoid(x)
-        dp = p * (1 - p)  # dσ/dx
-        q = torch.addcmul(tgt, p, flip)  # 1 - p_t
-        # d/dx [ce·q^γ] = (p - t)·q^γ + γ·ce·q^(γ-1)·flip·dσ/dx.
-        d_focal = (p - tgt).mul_(q.pow(gamma) if gamma != 1 else q)
-        if gamma != 0:
-            ce = F.binary_cross_entropy_with_logits(x, tgt.expand_as(x), reduction="none")
-            q_pow = q.pow_(gamma - 1) if gamma != 2 else q
-            d_focal.add_(ce.mul_(q_pow).mul_(flip).mul_(dp), alpha=gamma)
-        scale_f = (grad_focal / t.count).unsqueeze(2)  # N×K×1
-        grad = d_focal.mul_(t.focal_weight.unsqueeze(1)).mul_(scale_f)
-        # dice = 1 - (2I+1)/D: d/dp = region·((2I+1)/D² - 2·t/D).
-        c1 = (grad_dice * (2 * inter + 1) / denom**2).unsqueeze(2)
-        c2 = (grad_dice * 2 / denom).unsqueeze(2)
-        d_dice = (c1 * t.region.unsqueeze(1)).sub_(c2 * t.target_in.unsqueeze(1)).mul_(dp)
-        grad.add_(d_dice)
-        return grad.view_as(logits), None, None
-
-
-def fused_mask_losses(
-    logits: torch.Tensor, targets: LossTargets, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(focal, dice, IoU target), each N×K, of N×K×H×W logits; see ``_FusedMaskLoss``."""
-    return _FusedMaskLoss.apply(logits, targets, gamma)
-
-
 def round_loss(
     low_res_masks: torch.Tensor,
     iou_pred: torch.Tensor,
@@ -357,8 +242,9 @@ def round_loss(
 ) -> dict[str, torch.Tensor]:
     """Per-mask losses of one round, min-over-outputs when K > 1, padding zeroed.
 
-    Focal, dice and the IoU target come from one fused pass (``fused_mask_losses``,
-    equal to ``focal_loss`` / ``dice_loss`` / ``mask_iou`` within fp32 rounding).
+    Focal, dice, the IoU target and the output choice come from one fused pass
+    (``trainer.mask_loss.supervised_mask_loss``, equal to :func:`reference_round_loss`
+    within fp32 rounding).
 
     Args:
         low_res_masks: N×K×h×w logits (K = 3 multimask, 1 single).
@@ -375,23 +261,18 @@ def round_loss(
         dict ``loss_focal``, ``loss_dice``, ``loss_iou``: each N float (unweighted),
         and ``best`` N int64, the supervised output index.
     """
-    logits = logits_at(low_res_masks, gt_masks.shape[-2:], cfg.resolution)
     if targets is None:
         targets = _step_targets(low_res_masks, gt_masks, region, cfg)
-    focal, dice, actual_iou = fused_mask_losses(logits, targets, cfg.focal_gamma)
-    iou = (iou_pred - actual_iou) ** 2
-    # argmin of the weighted mask loss picks the output to supervise; the others get
-    # no gradient because they are not selected by the gather.
-    combo = cfg.weight_focal * focal + cfg.weight_dice * dice
-    best = combo.detach().argmin(dim=1, keepdim=True)
-    parts = {
-        "loss_focal": focal.gather(1, best).squeeze(1),
-        "loss_dice": dice.gather(1, best).squeeze(1),
-        "loss_iou": iou.gather(1, best).squeeze(1),
-    }
+    out_hw = gt_masks.shape[-2:] if cfg.resolution == "gt" else low_res_masks.shape[-2:]
+    # The argmin of the weighted mask loss picks the output to supervise (inside the
+    # fused function); the other outputs get exactly zero gradient.
+    focal, dice, actual_iou, best = supervised_mask_loss(
+        low_res_masks, targets, out_hw, cfg.focal_gamma, cfg.weight_focal, cfg.weight_dice)
+    iou = (iou_pred.gather(1, best.unsqueeze(1)).squeeze(1) - actual_iou) ** 2
+    parts = {"loss_focal": focal, "loss_dice": dice, "loss_iou": iou}
     # where (not multiply) so a non-finite value in a padding row cannot leak in.
     parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
-    parts["best"] = best.squeeze(1)
+    parts["best"] = best
     return parts
 
 
@@ -431,14 +312,31 @@ def sam_loss(
         summed over rounds and masks / num_masks) and ``loss`` (weighted total, the one
         to backprop).
     """
+    return _sum_rounds(rounds, gt_masks, valid, num_masks, cfg, valid_hw, reference=False)
+
+
+def _sum_rounds(
+    rounds: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    num_masks: torch.Tensor | float,
+    cfg: LossConfig,
+    valid_hw: torch.Tensor | None,
+    reference: bool,
+) -> dict[str, torch.Tensor]:
+    """The body of :func:`sam_loss` (fused rounds) and :func:`reference_sam_loss`."""
     if len(rounds) == 0:
         raise ValueError("sam_loss needs at least one round")
     valid = valid.to(torch.bool)
     region = None if valid_hw is None else image_region(valid_hw.to(gt_masks.device), gt_masks.shape[-2:])
     totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
-    targets = _step_targets(rounds[0][0], gt_masks, region, cfg)  # shared by all rounds
+    if not reference:
+        targets = _step_targets(rounds[0][0], gt_masks, region, cfg)  # shared by all rounds
     for low_res_masks, iou_pred in rounds:
-        parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region, targets)
+        if reference:
+            parts = reference_round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region)
+        else:
+            parts = round_loss(low_res_masks, iou_pred, gt_masks, valid, cfg, region, targets)
         totals = {key: value + parts[key].sum() for key, value in totals.items()}
     if isinstance(num_masks, torch.Tensor):
         denom = num_masks.to(gt_masks.device, torch.float32).clamp(min=1.0)
@@ -451,6 +349,50 @@ def sam_loss(
         + cfg.weight_iou * out["loss_iou"]
     )
     return out
+
+
+def reference_round_loss(
+    low_res_masks: torch.Tensor,
+    iou_pred: torch.Tensor,
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: LossConfig,
+    region: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The straightforward ``round_loss`` (SAM2 ``loss_fns`` style): the upsampled logits
+    of every output, three separate autograd terms, argmin, gather.
+
+    The reference the fused loss is tested against and what the benchmark baseline
+    (``benchmarks/baseline.py``) trains with; same arguments and result as :func:`round_loss`.
+    """
+    logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
+    if region is not None:
+        region = match_region(region, logits)
+    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, region)
+    dice = dice_loss(logits, targets, region)
+    iou = iou_loss(iou_pred, logits, targets, region)
+    combo = cfg.weight_focal * focal + cfg.weight_dice * dice
+    best = combo.detach().argmin(dim=1, keepdim=True)
+    parts = {
+        "loss_focal": focal.gather(1, best).squeeze(1),
+        "loss_dice": dice.gather(1, best).squeeze(1),
+        "loss_iou": iou.gather(1, best).squeeze(1),
+    }
+    parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
+    parts["best"] = best.squeeze(1)
+    return parts
+
+
+def reference_sam_loss(
+    rounds: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    gt_masks: torch.Tensor,
+    valid: torch.Tensor,
+    num_masks: torch.Tensor | float,
+    cfg: LossConfig,
+    valid_hw: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`sam_loss` built on :func:`reference_round_loss` (same arguments and result)."""
+    return _sum_rounds(rounds, gt_masks, valid, num_masks, cfg, valid_hw, reference=True)
 
 
 def num_masks_across_ranks(valid: torch.Tensor) -> torch.Tensor:

@@ -14,63 +14,15 @@ import torch.nn.functional as F
 from trainer.loss import (
     LossConfig,
     dice_loss,
-    fused_mask_losses,
     focal_loss,
     iou_loss,
-    loss_targets,
-    match_region,
-    match_resolution,
+    reference_round_loss,
+    reference_sam_loss,
     round_loss,
     sam_loss,
 )
+from trainer.mask_loss import fused_mask_losses, loss_targets
 from trainer.prompts import image_region
-
-
-def reference_round_loss(
-    low_res_masks: torch.Tensor,
-    iou_pred: torch.Tensor,
-    gt_masks: torch.Tensor,
-    valid: torch.Tensor,
-    cfg: LossConfig,
-    region: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The pre-fusion ``round_loss``: three separate autograd terms on upsampled logits."""
-    logits, targets = match_resolution(low_res_masks, gt_masks, cfg.resolution)
-    if region is not None:
-        region = match_region(region, logits)
-    focal = focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, region)
-    dice = dice_loss(logits, targets, region)
-    iou = iou_loss(iou_pred, logits, targets, region)
-    combo = cfg.weight_focal * focal + cfg.weight_dice * dice
-    best = combo.detach().argmin(dim=1, keepdim=True)
-    parts = {
-        "loss_focal": focal.gather(1, best).squeeze(1),
-        "loss_dice": dice.gather(1, best).squeeze(1),
-        "loss_iou": iou.gather(1, best).squeeze(1),
-    }
-    parts = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in parts.items()}
-    parts["best"] = best.squeeze(1)
-    return parts
-
-
-def reference_sam_loss(
-    rounds: list[tuple[torch.Tensor, torch.Tensor]],
-    gt_masks: torch.Tensor,
-    valid: torch.Tensor,
-    num_masks: float,
-    cfg: LossConfig,
-    valid_hw: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The pre-fusion ``sam_loss`` built on ``reference_round_loss``."""
-    region = None if valid_hw is None else image_region(valid_hw, gt_masks.shape[-2:])
-    totals = {"loss_focal": 0.0, "loss_dice": 0.0, "loss_iou": 0.0}
-    for low_res, iou_pred in rounds:
-        parts = reference_round_loss(low_res, iou_pred, gt_masks, valid, cfg, region)
-        totals = {key: value + parts[key].sum() for key, value in totals.items()}
-    out = {key: value / max(num_masks, 1.0) for key, value in totals.items()}
-    out["loss"] = (cfg.weight_focal * out["loss_focal"] + cfg.weight_dice * out["loss_dice"]
-                   + cfg.weight_iou * out["loss_iou"])
-    return out
 
 
 def random_case(
