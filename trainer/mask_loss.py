@@ -23,6 +23,7 @@ against them in ``tests/unit/test_step_equivalence.py``), rewritten for speed:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class LossTargets:
         target_in: target inside the region.
         flip_in: ``flip`` times the region.
         flip_focal: ``flip`` times ``focal_weight`` (the backward's focal factor).
+        region: 1 inside the region, 0 outside (the backward's dice factor).
         inside: N×HW bool, the region (None when the region is the whole frame).
         target_in_bool: N×HW bool, ``target_in > 0``.
         target_sum: N×1, target pixels inside the region.
@@ -60,6 +62,7 @@ class LossTargets:
     target_in: torch.Tensor
     flip_in: torch.Tensor
     flip_focal: torch.Tensor
+    region: torch.Tensor
     inside: torch.Tensor | None
     target_in_bool: torch.Tensor
     target_sum: torch.Tensor
@@ -75,7 +78,7 @@ class LossTargets:
         """The same constants for rows ``sl`` (views, no copy)."""
         return LossTargets(
             flip=self.flip[sl], focal_weight=self.focal_weight[sl], target_in=self.target_in[sl],
-            flip_in=self.flip_in[sl], flip_focal=self.flip_focal[sl], inside=None if self.inside is None else self.inside[sl],
+            flip_in=self.flip_in[sl], flip_focal=self.flip_focal[sl], region=self.region[sl], inside=None if self.inside is None else self.inside[sl],
             target_in_bool=self.target_in_bool[sl], target_sum=self.target_sum[sl], count=self.count[sl],
         )
 
@@ -93,7 +96,7 @@ def loss_targets(
     flip = 1 - 2 * t
     return LossTargets(
         flip=flip, focal_weight=a_t * r, target_in=t_in, flip_in=flip * r, flip_focal=flip * a_t * r,
-        inside=inside,
+        region=r, inside=inside,
         target_in_bool=t_in > 0, target_sum=t_in.sum(-1, keepdim=True),
         count=r.sum(-1, keepdim=True).clamp(min=1.0),
     )
@@ -106,18 +109,32 @@ def _chunks(n: int, per_row: int, device: torch.device) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
-def _guarded(x: torch.Tensor, t: LossTargets) -> torch.Tensor:
-    """``x`` (n×K×P) with the logits outside the region set to 0."""
-    return x if t.inside is None else torch.where(t.inside.unsqueeze(1), x, 0.0)
+def needs_guard(logits: torch.Tensor, t: LossTargets) -> bool:
+    """Whether the logits outside the region must be zeroed before the pixel math.
+
+    With finite logits the region-zeroed weights already cancel every padding pixel
+    exactly (finite·0 = 0), so the guard only matters for a non-finite value in the
+    padding (0·inf = nan). On CPU one finiteness check of the (low-res) logits is far
+    cheaper than a ``where`` over every full-resolution chunk; on CUDA the check would be
+    a host sync per round, so the guard is always applied there.
+    """
+    if t.inside is None:
+        return False
+    return logits.is_cuda or not bool(torch.isfinite(logits).all())
+
+
+def _guarded(x: torch.Tensor, t: LossTargets, guard: bool) -> torch.Tensor:
+    """``x`` (n×K×P) with the logits outside the region set to 0 when ``guard``."""
+    return torch.where(t.inside.unsqueeze(1), x, 0.0) if guard else x
 
 
 def _pow(q: torch.Tensor, gamma: float) -> torch.Tensor:
     return q * q if gamma == 2 else q.pow(gamma)
 
 
-def _forward_sums(x: torch.Tensor, t: LossTargets, gamma: float) -> torch.Tensor:
+def _forward_sums(x: torch.Tensor, t: LossTargets, gamma: float, guard: bool) -> torch.Tensor:
     """Per-row sums of one chunk: n×K×5 (focal sum, Σσ(v)·t_in, Σσ(v)·flip_in, IoU ∩, pred)."""
-    x = _guarded(x, t)
+    x = _guarded(x, t, guard)
     v = x * t.flip.unsqueeze(1)
     q = torch.sigmoid(v)  # 1 − p_t
     focal_px = F.softplus(v).mul_(_pow(q, gamma)) if gamma != 0 else F.softplus(v)
@@ -148,22 +165,30 @@ def _terms(sums: torch.Tensor, t: LossTargets) -> tuple[torch.Tensor, ...]:
     return focal, dice, iou, inter, denom
 
 
-def _pixel_sums(logits: torch.Tensor, t: LossTargets, gamma: float) -> torch.Tensor:
-    """N×K×5 sums of N×K×P logits (at the loss resolution), chunked over rows."""
+def _pixel_sums(logits: torch.Tensor, t: LossTargets, gamma: float, guard: bool,
+                out_hw: Sequence[int] | None = None) -> torch.Tensor:
+    """N×K×5 sums of N×K×h×w logits, chunked over rows.
+
+    With ``out_hw`` each chunk is upsampled to it first (so the N×K×H×W upsampled
+    logits are never materialised, only one cache-sized chunk at a time).
+    """
     n, k = logits.shape[:2]
-    x = logits.reshape(n, k, -1)
-    return torch.cat([_forward_sums(x[sl], t.rows(sl), gamma)
-                      for sl in _chunks(n, x[0].numel(), x.device)])
+    per_row = k * (math.prod(out_hw) if out_hw is not None else logits[0, 0].numel())
+    sums = []
+    for sl in _chunks(n, per_row, logits.device):
+        x = logits[sl] if out_hw is None else upsample(logits[sl], out_hw)
+        sums.append(_forward_sums(x.reshape(x.shape[0], k, -1), t.rows(sl), gamma, guard))
+    return torch.cat(sums)
 
 
-def _pixel_grad(x: torch.Tensor, t: LossTargets, gamma: float, scale_focal: torch.Tensor,
+def _pixel_grad(x: torch.Tensor, t: LossTargets, gamma: float, guard: bool, scale_focal: torch.Tensor,
                 c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     """d(Σ focal·g_f + dice·g_d)/dx of one chunk (n×K×P logits; n×K×1 row factors).
 
     With v = flip·x and q = σ(v): d[softplus(v)·q^γ]/dx = flip·q^γ·(q + γ·softplus(v)·(1−q));
     dice = 1 − (2I+1)/D has d/dp = r·c1 − t_in·c2 and dp/dx = q·(1−q) for t ∈ {0, 1}.
     """
-    x = _guarded(x, t)
+    x = _guarded(x, t, guard)
     v = x * t.flip.unsqueeze(1)
     q = torch.sigmoid(v)
     one_minus_q = 1 - q
@@ -172,23 +197,34 @@ def _pixel_grad(x: torch.Tensor, t: LossTargets, gamma: float, scale_focal: torc
     else:
         grad = q.clone()
     grad.mul_(t.flip_focal.unsqueeze(1)).mul_(scale_focal)
-    d_dice = torch.addcmul(c1, t.target_in.unsqueeze(1), c2, value=-1)  # c1·r − c2·t_in inside
-    if t.inside is not None:
-        d_dice = torch.where(t.inside.unsqueeze(1), d_dice, 0.0)
+    if t.inside is None:
+        d_dice = torch.addcmul(c1, t.target_in.unsqueeze(1), c2, value=-1)  # c1 − c2·t
+    else:  # r·c1 − c2·t_in: the region factor (0 in the padding)
+        d_dice = torch.addcmul(c1 * t.region.unsqueeze(1), t.target_in.unsqueeze(1), c2, value=-1)
     return grad.add_(d_dice.mul_(one_minus_q.mul_(q)))
 
 
-def _grad_logits(logits: torch.Tensor, t: LossTargets, gamma: float, grad_focal: torch.Tensor,
-                 grad_dice: torch.Tensor, inter: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """The gradient w.r.t. N×K×H×W logits, chunked over rows."""
-    n, k = logits.shape[:2]
-    x = logits.reshape(n, k, -1)
+def _grad_logits(logits: torch.Tensor, t: LossTargets, gamma: float, guard: bool, grad_focal: torch.Tensor,
+                 grad_dice: torch.Tensor, inter: torch.Tensor, denom: torch.Tensor,
+                 out_hw: Sequence[int] | None = None) -> torch.Tensor:
+    """The gradient w.r.t. N×K×h×w logits, chunked over rows.
+
+    With ``out_hw``, the logits are upsampled to it per chunk and the chunk's pixel
+    gradient is brought back to h×w by the upsampling's adjoint.
+    """
+    n, k, h, w = logits.shape
     scale_focal = (grad_focal / t.count).unsqueeze(2)
     c1 = (grad_dice * (2 * inter + 1) / denom**2).unsqueeze(2)
     c2 = (grad_dice * 2 / denom).unsqueeze(2)
-    parts = [_pixel_grad(x[sl], t.rows(sl), gamma, scale_focal[sl], c1[sl], c2[sl])
-             for sl in _chunks(n, x[0].numel(), x.device)]
-    return torch.cat(parts).view_as(logits)
+    per_row = k * (math.prod(out_hw) if out_hw is not None else h * w)
+    parts = []
+    for sl in _chunks(n, per_row, logits.device):
+        x = logits[sl] if out_hw is None else upsample(logits[sl], out_hw)
+        rows = x.shape[0]
+        grad = _pixel_grad(x.reshape(rows, k, -1), t.rows(sl), gamma, guard, scale_focal[sl], c1[sl], c2[sl])
+        grad = grad.view(x.shape)
+        parts.append(grad if out_hw is None else upsample_adjoint(grad, (h, w)))
+    return torch.cat(parts)
 
 
 class _MaskTerms(torch.autograd.Function):
@@ -196,16 +232,18 @@ class _MaskTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, t: LossTargets, gamma: float):  # type: ignore[override]
-        focal, dice, iou, inter, denom = _terms(_pixel_sums(logits, t, gamma), t)
+        guard = needs_guard(logits, t)
+        focal, dice, iou, inter, denom = _terms(_pixel_sums(logits, t, gamma, guard), t)
         ctx.save_for_backward(logits, inter, denom)
-        ctx.targets, ctx.gamma = t, gamma
+        ctx.targets, ctx.gamma, ctx.guard = t, gamma, guard
         ctx.mark_non_differentiable(iou)
         return focal, dice, iou
 
     @staticmethod
     def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor, _grad_iou: torch.Tensor):  # type: ignore[override]
         logits, inter, denom = ctx.saved_tensors
-        return _grad_logits(logits, ctx.targets, ctx.gamma, grad_focal, grad_dice, inter, denom), None, None
+        grad = _grad_logits(logits, ctx.targets, ctx.gamma, ctx.guard, grad_focal, grad_dice, inter, denom)
+        return grad, None, None
 
 
 def fused_mask_losses(
@@ -225,12 +263,14 @@ class _SupervisedMaskLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low_res: torch.Tensor, t: LossTargets, out_hw: tuple[int, int],  # type: ignore[override]
                 gamma: float, weight_focal: float, weight_dice: float):
+        low_res = low_res.contiguous()
+        guard = needs_guard(low_res, t)  # finite low-res logits upsample to finite logits
         with torch.no_grad():
-            focal, dice, iou, inter, denom = _terms(_pixel_sums(upsample(low_res, out_hw), t, gamma), t)
+            focal, dice, iou, inter, denom = _terms(_pixel_sums(low_res, t, gamma, guard, out_hw), t)
             best = (weight_focal * focal + weight_dice * dice).argmin(dim=1, keepdim=True)  # N×1
             picked = [v.gather(1, best).squeeze(1) for v in (focal, dice, iou, inter, denom)]
         ctx.save_for_backward(low_res, best, picked[3], picked[4])
-        ctx.targets, ctx.gamma, ctx.out_hw = t, gamma, out_hw
+        ctx.targets, ctx.gamma, ctx.out_hw, ctx.guard = t, gamma, out_hw, guard
         ctx.mark_non_differentiable(picked[2], best)
         return picked[0], picked[1], picked[2], best.squeeze(1)
 
@@ -239,10 +279,9 @@ class _SupervisedMaskLoss(torch.autograd.Function):
         low_res, best, inter, denom = ctx.saved_tensors
         n, k, h, w = low_res.shape
         index = best.view(n, 1, 1, 1).expand(n, 1, h, w)
-        chosen = upsample(low_res.gather(1, index), ctx.out_hw)  # N×1×H×W
-        grad = _grad_logits(chosen, ctx.targets, ctx.gamma, grad_focal.unsqueeze(1),
-                            grad_dice.unsqueeze(1), inter.unsqueeze(1), denom.unsqueeze(1))
-        grad_low = upsample_adjoint(grad, (h, w))
+        chosen = low_res.gather(1, index)  # N×1×h×w
+        grad_low = _grad_logits(chosen, ctx.targets, ctx.gamma, ctx.guard, grad_focal.unsqueeze(1),
+                                grad_dice.unsqueeze(1), inter.unsqueeze(1), denom.unsqueeze(1), ctx.out_hw)
         if k == 1:
             return grad_low, None, None, None, None, None
         return torch.zeros_like(low_res).scatter_(1, index, grad_low), None, None, None, None, None

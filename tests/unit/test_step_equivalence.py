@@ -160,3 +160,42 @@ def test_fused_loss_ignores_non_finite_logits_in_padding() -> None:
     inside = torch.zeros_like(g_clean, dtype=torch.bool)
     inside[:, :, :4, :5] = True  # low-res cells whose upsampled footprint is all image
     torch.testing.assert_close(g_dirty[inside], g_clean[inside], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_queries,num_keys,heads,dim", [(256, 8, 4, 32), (64, 15, 8, 128), (40, 1, 2, 16)])
+def test_few_keys_attention_matches_sdpa(num_queries: int, num_keys: int, heads: int, dim: int) -> None:
+    """The keys-major image-to-token attention: SDPA's output and gradients (fp64)."""
+    from trainer.model.transformer import few_keys_attention
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(3, n, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+               for n in (num_queries, num_keys, num_keys))
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        split = lambda x: x.view(3, x.shape[1], heads, dim // heads).transpose(1, 2)  # noqa: E731
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(3, -1, dim)
+
+    ours, ref = few_keys_attention(q, k, v, heads), sdpa(q, k, v)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((ours * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_decoder_attention_uses_few_keys_path_only_where_it_applies() -> None:
+    """Image-to-token (many queries, few keys) takes the keys-major path on CPU; the
+    token-to-image and self attention stay on SDPA; both give the same result."""
+    from trainer.model import transformer
+
+    attn = transformer.Attention(64, 4, downsample_rate=2).double()
+    gen = torch.Generator().manual_seed(8)
+    image = torch.randn(2, 256, 64, generator=gen, dtype=torch.float64)
+    tokens = torch.randn(2, 9, 64, generator=gen, dtype=torch.float64)
+    assert transformer.few_keys(256, 9) and not transformer.few_keys(9, 256) and not transformer.few_keys(9, 9)
+    fast = attn(image, tokens, tokens)
+    saved = transformer.FEW_KEYS_MAX
+    try:
+        transformer.FEW_KEYS_MAX = 0
+        torch.testing.assert_close(fast, attn(image, tokens, tokens), rtol=1e-12, atol=1e-12)
+    finally:
+        transformer.FEW_KEYS_MAX = saved

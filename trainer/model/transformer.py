@@ -37,13 +37,48 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        q = self._separate_heads(self.q_proj(q))
-        k = self._separate_heads(self.k_proj(k))
-        v = self._separate_heads(self.v_proj(v))
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        if not q.is_cuda and few_keys(q.shape[1], k.shape[1]):
+            return self.out_proj(few_keys_attention(q, k, v, self.num_heads))
+        q, k, v = self._separate_heads(q), self._separate_heads(k), self._separate_heads(v)
         # No bias here, so plain SDPA (flash / memory-efficient on GPU) is exact.
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+
+
+def few_keys(num_queries: int, num_keys: int) -> bool:
+    """Whether :func:`few_keys_attention` beats SDPA on CPU: the image-to-token attention
+    (4096 image tokens over <= ~15 prompt tokens). Measured in ``benchmarks/bench_kernels.py``."""
+    return num_keys <= FEW_KEYS_MAX and num_queries >= 4 * num_keys
+
+
+#: The most keys for which :func:`few_keys_attention` is used on CPU.
+FEW_KEYS_MAX = 64
+
+
+def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
+    """``softmax(q·kᵀ/√d)·v`` per head for many queries over few keys, keys-major.
+
+    The same math as SDPA (the scale applied to q first, as SDPA's math path): the scores
+    are laid out ``B×heads×Nk×Nq`` so the softmax reduces over the short key axis while
+    the long query axis stays contiguous; CPU SDPA's per-query-block kernel spends its time
+    on overhead when there are only a few keys (2–2.5× slower at SAM's decoder shapes).
+
+    Args:
+        q: ``B×Nq×C`` projected queries; k, v: ``B×Nk×C`` (heads merged in C).
+
+    Returns:
+        ``B×Nq×C`` attention output, heads merged.
+    """
+    b, nq, c = q.shape
+    nk, d = k.shape[1], c // num_heads
+    keys = k.view(b, nk, num_heads, d).transpose(1, 2)  # B×h×Nk×d
+    values = v.view(b, nk, num_heads, d).transpose(1, 2)
+    queries_t = (q * d**-0.5).view(b, nq, num_heads, d).permute(0, 2, 3, 1)  # B×h×d×Nq
+    weights = (keys @ queries_t).softmax(dim=2)  # B×h×Nk×Nq
+    out = weights.transpose(2, 3) @ values  # B×h×Nq×d
+    return out.transpose(1, 2).reshape(b, nq, c)
 
 
 class TwoWayAttentionBlock(nn.Module):
