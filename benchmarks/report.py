@@ -2,7 +2,8 @@
 
 CPU suite (``make bench``, about 10 minutes on 2 cores): the train step ours vs the fair
 official-modules baseline (``bench_train``: tiny_cpu, tiny 64 masks x 11 rounds, vit_b
-widths at 256 px) with MFU and the profile split, the data pipeline (``bench_data
+widths at 256 px) with MFU and the profile split, each optimised kernel vs its
+straightforward baseline (``bench_kernels``), the data pipeline (``bench_data
 --small``), metrics overhead (``bench_metrics``), the checkpoint save (``bench_step``) and
 scaling (``scaling``: 1 vs 2 processes measured, the all-reduce model). ``--quick`` is a
 ~2-minute smoke version. ``--gpu`` runs the GPU configurations (vit_b and vit_h at 1024,
@@ -53,10 +54,12 @@ class Plan:
 
 
 QUICK = Plan(configs=("tiny_cpu",), runs=2, scaling_steps=3, script_args={
+    "bench_kernels": ["--runs", "2"],
     "bench_data": ["--small", "--images", "2", "--repeat", "1"],
     "bench_metrics": ["--pairs", "3"],
     "bench_step": ["--steps", "2"]})
 FULL = Plan(configs=("tiny_cpu", "tiny_64x11", "vit_b_256"), runs=5, scaling_steps=6, script_args={
+    "bench_kernels": ["--runs", "5"],
     "bench_data": ["--small"],
     "bench_metrics": ["--pairs", "10"],
     "bench_step": ["--steps", "5"]})
@@ -108,6 +111,9 @@ def run_script(script: str, args: list[str], timeout_s: int = 900) -> str:
 
 #: Headline numbers pulled out of the scripts' output: (script, label, regex).
 HEADLINES = (
+    ("bench_kernels", "fused loss vs reference_sam_loss", r"^loss, .*ratio ([\d.]+)"),
+    ("bench_kernels", "upsample adjoint vs aten backward", r"^upsample adjoint.*ratio ([\d.]+)"),
+    ("bench_kernels", "image-to-token attention vs SDPA (tiny)", r"^image-to-token attention, tiny.*ratio ([\d.]+)"),
     ("bench_data", "images/s, 1 DataLoader worker", r"1 DataLoader worker process\s+([\d.]+) images/s"),
     ("bench_metrics", "step ratio metrics on/off", r"ratio on/off: ([\d.]+)"),
     ("bench_step", "checkpoint save", r"checkpoint save ([\d.]+ s = [\d.]+ of a \d+-step interval)"),
@@ -119,7 +125,7 @@ def headlines(outputs: dict[str, str]) -> list[tuple[str, str, str]]:
     """``(script, label, value)`` for each headline found in the outputs."""
     found = []
     for script, label, pattern in HEADLINES:
-        match = re.search(pattern, outputs.get(script, ""))
+        match = re.search(pattern, outputs.get(script, ""), re.MULTILINE)
         if match:
             found.append((script, label, match.group(1)))
     return found
@@ -257,7 +263,7 @@ def render(results: dict[str, Any], info: dict[str, str], title: str, command: s
     lines += ["", "### Top ops (our step, torch.profiler, 2 steps)", ""]
     lines += top_ops_table(results.get("train", {}))
     if results.get("scripts"):
-        lines += ["", "## Data pipeline, metrics overhead, checkpoint save", ""]
+        lines += ["", "## Kernels, data pipeline, metrics overhead, checkpoint save", ""]
         lines += scripts_section(results["scripts"])
     if "scaling" in results:
         lines += ["", "## Scaling", "",

@@ -96,6 +96,9 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning
             (slower; for debugging and reproducibility tests).
         allow_tf32: TF32 matmuls/convolutions on Ampere+ (fp32 runs only).
+        cpu_retain_memory: on CPU runs, keep freed memory in the process (glibc
+            ``mallopt``) instead of returning it to the OS and page-faulting it back
+            every round (5-25% faster decoder rounds on a 2-core VM; ``trainer.allocator``).
     """
 
     run_dir: str = "runs/default"
@@ -110,6 +113,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     deterministic: bool = False
     allow_tf32: bool = True
+    cpu_retain_memory: bool = True
 
     def __post_init__(self) -> None:
         if not self.run_dir:

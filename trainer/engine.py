@@ -33,6 +33,7 @@ from trainer.data.sa1b import SKIP_REASONS
 from trainer.flops import device_peak_flops, flops_for_config, mfu, startup_summary
 from trainer.evaluate import EvalResult, eval_data_config, evaluate_shards
 from trainer.interactive import simulate_interaction
+from trainer.allocator import retain_freed_memory
 from trainer.loss import LossConfig, num_masks_across_ranks, sam_loss
 from trainer.metrics import Metrics, MetricsLogger
 from trainer.prom import build_prometheus
@@ -105,6 +106,8 @@ class TrainRun:
         self.device = info.device
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        if self.device.type == "cpu" and cfg.train.cpu_retain_memory:
+            retain_freed_memory()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32

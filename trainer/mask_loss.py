@@ -139,17 +139,18 @@ def _forward_sums(x: torch.Tensor, t: LossTargets, gamma: float, guard: bool) ->
     q = torch.sigmoid(v)  # 1 − p_t
     focal_px = F.softplus(v).mul_(_pow(q, gamma)) if gamma != 0 else F.softplus(v)
     pred = x > 0
+    # Counts in int32 (exact; a bool sum would first widen every pixel to int64).
     if t.inside is not None:
-        pred_in = (pred & t.inside.unsqueeze(1)).sum(-1)
+        pred_in = (pred & t.inside.unsqueeze(1)).sum(-1, dtype=torch.int32)
     else:
-        pred_in = pred.sum(-1)
+        pred_in = pred.sum(-1, dtype=torch.int32)
     # torch's cascade summation throughout (a matmul's running fp32 sum over 1M pixels is
     # measurably less accurate, and a matmul would count as model FLOPs in flop counters).
     return torch.stack([
         focal_px.mul_(t.focal_weight.unsqueeze(1)).sum(-1),
         (q * t.target_in.unsqueeze(1)).sum(-1),
         q.mul_(t.flip_in.unsqueeze(1)).sum(-1),
-        (pred & t.target_in_bool.unsqueeze(1)).sum(-1).to(x.dtype),
+        (pred & t.target_in_bool.unsqueeze(1)).sum(-1, dtype=torch.int32).to(x.dtype),
         pred_in.to(x.dtype),
     ], dim=-1)
 

@@ -74,7 +74,8 @@ def test_config_keys_are_frozen() -> None:
         "optim.weight_decay",
         "prompts.box_multimask", "prompts.box_noise_frac", "prompts.box_noise_max_px", "prompts.empty_error_policy",
         "prompts.num_correction_points", "prompts.num_no_point_rounds", "prompts.prob_box",
-        "train.allow_tf32", "train.amp", "train.compile", "train.deterministic", "train.device",
+        "train.allow_tf32", "train.amp", "train.compile", "train.cpu_retain_memory", "train.deterministic",
+        "train.device",
         "train.find_unused_parameters", "train.grad_accum", "train.grad_clip", "train.log_every",
         "train.max_nonfinite_steps", "train.run_dir", "train.seed",
     ]

@@ -199,3 +199,23 @@ def test_decoder_attention_uses_few_keys_path_only_where_it_applies() -> None:
         torch.testing.assert_close(fast, attn(image, tokens, tokens), rtol=1e-12, atol=1e-12)
     finally:
         transformer.FEW_KEYS_MAX = saved
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 5, 7), (2, 4, 8, 8), (1, 1, 3, 3)])
+def test_layer_norm_2d_closed_form_backward_matches_autograd(shape: tuple[int, ...]) -> None:
+    """Same output as the official op sequence, same gradients for x, weight and bias."""
+    from trainer.model.common import LayerNorm2d, layer_norm_2d_reference
+
+    gen = torch.Generator().manual_seed(9)
+    ln = LayerNorm2d(shape[1]).double()
+    with torch.no_grad():
+        ln.weight.normal_(generator=gen)
+        ln.bias.normal_(generator=gen)
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    ours, ref = ln(x), layer_norm_2d_reference(x, ln.weight, ln.bias, ln.eps)
+    assert torch.equal(ours, ref)  # the forward is the official sequence of ops
+    leaves = (x, ln.weight, ln.bias)
+    for a, b in zip(torch.autograd.grad((ours * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: LayerNorm2d.forward(ln, t), (x,))

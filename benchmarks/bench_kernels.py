@@ -1,0 +1,200 @@
+"""The optimised pieces of our train step, each against its straightforward baseline.
+
+Every row times the baseline and ours alternately in this process on the same inputs
+(forward + backward, median of ``--runs``), after checking that they agree:
+
+- ``loss``: ``trainer.loss.reference_sam_loss`` (SAM2-style: upsample every output,
+  three autograd terms, argmin, gather) vs ``sam_loss`` (the fused, chunked,
+  supervised-output-only loss of ``trainer.mask_loss``), 64 masks × 11 rounds, 64→256;
+- ``upsample adjoint``: ``aten::upsample_bilinear2d_backward`` vs
+  ``trainer.upsample.upsample_adjoint``, 64 masks, 64→256;
+- ``image-to-token attention``: SDPA vs ``few_keys_attention`` at the decoder's shapes
+  (tiny: 64 masks × 256 image tokens over 9 prompt tokens; vit_b/h at 1024: 16 masks ×
+  4096 tokens);
+- ``LayerNorm2d``: the official op sequence under autograd vs our closed-form backward;
+- ``allocator``: one tiny decoder round (64 masks, forward + backward) in a fresh
+  process with glibc's defaults vs with ``trainer.allocator.retain_freed_memory`` (a
+  process-wide setting, so each side runs in its own subprocess).
+
+    python benchmarks/bench_kernels.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.loss import LossConfig, reference_sam_loss, sam_loss  # noqa: E402
+from trainer.model.common import LayerNorm2d, layer_norm_2d_reference  # noqa: E402
+from trainer.model.transformer import few_keys_attention  # noqa: E402
+from trainer.upsample import upsample_adjoint  # noqa: E402
+
+
+def timed_pair(baseline: Callable[[], Any], ours: Callable[[], Any], runs: int) -> tuple[float, float]:
+    """Median seconds of ``baseline()`` and ``ours()``, alternating, after one warm-up each."""
+    base_t, ours_t = [], []
+    for i in range(runs + 1):
+        for fn, out in ((baseline, base_t), (ours, ours_t)):
+            start = time.perf_counter()
+            fn()
+            if i:
+                out.append(time.perf_counter() - start)
+    return statistics.median(base_t), statistics.median(ours_t)
+
+
+def loss_case(masks: int = 64, rounds: int = 11, low: int = 64, size: int = 256, seed: int = 0):
+    """Random rounds (round 1 with 3 outputs), blob GT masks, padded image sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = [((torch.randn(masks, 3 if r == 0 else 1, low, low, generator=gen) * 4).requires_grad_(True),
+             torch.rand(masks, 3 if r == 0 else 1, generator=gen).requires_grad_(True)) for r in range(rounds)]
+    blobs = torch.rand(masks, 1, low // 2, low // 2, generator=gen)
+    gt = F.interpolate(blobs, size=(size, size), mode="bilinear", align_corners=False).squeeze(1) > 0.6
+    valid_hw = torch.stack([torch.randint(size // 2, size + 1, (masks,), generator=gen),
+                            torch.full((masks,), size)], dim=1)
+    return outs, gt, valid_hw
+
+
+def bench_loss(runs: int) -> dict[str, float]:
+    outs, gt, valid_hw = loss_case()
+    valid = torch.ones(gt.shape[0], dtype=torch.bool)
+    cfg = LossConfig()
+
+    def step(fn: Callable[..., dict[str, torch.Tensor]]) -> float:
+        loss = fn(outs, gt, valid, gt.shape[0], cfg, valid_hw=valid_hw)["loss"]
+        loss.backward()
+        return float(loss.detach())
+
+    ref, ours = step(reference_sam_loss), step(sam_loss)
+    base_s, ours_s = timed_pair(lambda: step(reference_sam_loss), lambda: step(sam_loss), runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "rel_diff": abs(ref - ours) / abs(ref)}
+
+
+def bench_adjoint(runs: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(64, 1, 256, 256, generator=gen)
+
+    def native() -> torch.Tensor:
+        return torch.ops.aten.upsample_bilinear2d_backward(grad, [256, 256], [64, 1, 64, 64], False, None, None)
+
+    diff = float((native() - upsample_adjoint(grad, (64, 64))).abs().max())
+    base_s, ours_s = timed_pair(native, lambda: upsample_adjoint(grad, (64, 64)), runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
+def bench_attention(runs: int, masks: int, tokens: int, keys: int, dim: int, heads: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(masks, n, dim, generator=gen).requires_grad_(True) for n in (tokens, keys, keys))
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(masks, x.shape[1], heads, dim // heads).transpose(1, 2)
+
+    def sdpa() -> torch.Tensor:
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(masks, -1, dim)
+        out.sum().backward()
+        return out
+
+    def ours() -> torch.Tensor:
+        out = few_keys_attention(q, k, v, heads)
+        out.sum().backward()
+        return out
+
+    diff = float((sdpa() - ours()).detach().abs().max())
+    base_s, ours_s = timed_pair(sdpa, ours, runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
+def bench_layer_norm(runs: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, 32, 32, generator=gen).requires_grad_(True)  # tiny's output upscaling
+    ln = LayerNorm2d(16)
+
+    def ref() -> torch.Tensor:
+        out = layer_norm_2d_reference(x, ln.weight, ln.bias, ln.eps)
+        out.square().mean().backward()
+        return out
+
+    def ours() -> torch.Tensor:
+        out = ln(x)
+        out.square().mean().backward()
+        return out
+
+    diff = float((ref() - ours()).abs().max())
+    base_s, ours_s = timed_pair(ref, ours, runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
+def decoder_round_seconds(rounds: int) -> float:
+    """Median seconds of one tiny decoder round (64 masks, 6 prompt tokens, fwd + bwd)."""
+    from trainer.interactive import _decode_round  # noqa: PLC0415
+    from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    spec = spec_for("tiny")
+    sam = build_from_spec(spec)
+    grid, dim = spec.embedding_grid, spec.prompt_embed_dim
+    emb = torch.randn(1, dim, grid, grid, requires_grad=True)
+    coords, labels = torch.rand(64, 6, 2) * spec.img_size, torch.randint(0, 2, (64, 6))
+    mask = torch.randn(64, 1, 4 * grid, 4 * grid, requires_grad=True)
+    times = []
+    for i in range(rounds + 1):
+        start = time.perf_counter()
+        low, iou = _decode_round(sam, emb, sam.prompt_encoder.get_dense_pe(), coords, labels, mask, False)
+        (low.square().mean() + iou.sum()).backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_allocator(runs: int) -> dict[str, float]:
+    """The decoder round in subprocesses without / with ``retain_freed_memory``, alternating
+    three times, the fastest of each (process-to-process noise on a shared VM is ~20%)."""
+    import subprocess  # noqa: PLC0415
+
+    def child(retain: bool) -> float:
+        code = ("import sys; sys.path.insert(0, %r); import bench_kernels as b; from trainer.allocator import "
+                "retain_freed_memory; %s print(b.decoder_round_seconds(%d))"
+                % (str(Path(__file__).resolve().parent), "retain_freed_memory();" if retain else "", runs))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    base, ours = [], []
+    for _ in range(3):
+        base.append(child(False))
+        ours.append(child(True))
+    return {"baseline_s": min(base), "ours_s": min(ours)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = {
+        "loss, 64 masks x 11 rounds, 64->256, fwd+bwd (reference_sam_loss)": bench_loss(args.runs),
+        "upsample adjoint, 64 masks 64->256 (aten backward)": bench_adjoint(args.runs),
+        "image-to-token attention, tiny: 64 x 256 tokens, 9 keys, fwd+bwd (SDPA)":
+            bench_attention(args.runs, 64, 256, 9, 32, 4),
+        "image-to-token attention, vit at 1024: 16 x 4096 tokens, 9 keys, fwd+bwd (SDPA)":
+            bench_attention(args.runs, 16, 4096, 9, 128, 8),
+        "LayerNorm2d, 64 x 16 x 32 x 32, fwd+bwd (official ops under autograd)": bench_layer_norm(args.runs),
+        "allocator: tiny decoder round, 64 masks, fwd+bwd (glibc defaults)": bench_allocator(args.runs),
+    }
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")
+    for name, row in rows.items():
+        check = ", ".join(f"{k} {v:.1e}" for k, v in row.items() if k not in ("baseline_s", "ours_s"))
+        print(f"{name}: baseline {row['baseline_s'] * 1e3:.1f} ms, ours {row['ours_s'] * 1e3:.1f} ms, "
+              f"ratio {row['baseline_s'] / row['ours_s']:.2f} ({check})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
