@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from trainer.model import CheckpointMismatchError, build_sam, export_official, load_sam_state_dict, spec_for
+from trainer.model import attention
 from trainer.model.attention import Attention
 from trainer.model.image_encoder import Block
 
 
 @pytest.mark.parametrize("window_size", [6, 0], ids=["windowed", "global"])
-def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int) -> None:
+def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDPA path equals the explicit softmax((q·s)kᵀ + B)v formulation, forward and backward."""
+    monkeypatch.setattr(attention, "SDPA_ON_CPU", True)  # CPU runs the explicit path by default
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     torch.manual_seed(0)
     grid = 16
     block = Block(dim=48, num_heads=3, use_rel_pos=True, window_size=window_size, input_size=(grid, grid)).double()
@@ -31,6 +36,7 @@ def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int) -> Non
         grads = {n: p.grad.clone() for n, p in block.named_parameters()}
         results.append((out.detach(), xi.grad.clone(), grads))
     (o1, gx1, g1), (o2, gx2, g2) = results
+    assert len(calls) == 1  # the first pass ran SDPA, the second the explicit formulation
     torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-10)
     for name in g1:

@@ -105,10 +105,9 @@ class MaskDecoder(nn.Module):
                 f"or {n} (one per prompt)"
             )
         src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
-        pos_src = image_pe.expand(n, -1, -1, -1)
         b, c, h, w = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe, tokens)  # the 1×C×h×w PE broadcasts over masks
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -161,9 +161,14 @@ class TwoWayTransformer(nn.Module):
         self.dropout = dropout
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """``B×C×h×w`` image, ``B×C×h×w`` PE, ``B×Nt×C`` tokens -> (``B×Nt×C``, ``B×(h·w)×C``)."""
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        """``B×C×h×w`` image, ``B×C×h×w`` or ``1×C×h×w`` (broadcast) PE, ``B×Nt×C`` tokens
+        -> (``B×Nt×C``, ``B×(h·w)×C``)."""
+        # Token-major and contiguous once: every op of the first layer would otherwise run
+        # on (and copy out of) the permuted view (~25% of that layer's time on CPU).
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:  # an expanded 1×C×h×w PE
+            image_pe = image_pe[:1]
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
