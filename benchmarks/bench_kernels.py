@@ -6,6 +6,8 @@ Every row times the baseline and ours alternately in this process on the same in
 - ``loss``: ``trainer.loss.reference_sam_loss`` (SAM2-style: upsample every output,
   three autograd terms, argmin, gather) vs ``sam_loss`` (the fused, chunked,
   supervised-output-only loss of ``trainer.mask_loss``), 64 masks × 11 rounds, 64→256;
+- ``upsample``: ``F.interpolate`` vs ``trainer.upsample.upsample`` (the polyphase CPU
+  form) on the loss's per-chunk shape (4 masks, 64→256);
 - ``upsample adjoint``: ``aten::upsample_bilinear2d_backward`` vs
   ``trainer.upsample.upsample_adjoint``, 64 masks, 64→256;
 - ``image-to-token attention``: SDPA vs ``few_keys_attention`` at the decoder's shapes
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.loss import LossConfig, reference_sam_loss, sam_loss  # noqa: E402
 from trainer.model.common import LayerNorm2d, layer_norm_2d_reference  # noqa: E402
 from trainer.model.transformer import few_keys_attention  # noqa: E402
-from trainer.upsample import upsample_adjoint  # noqa: E402
+from trainer.upsample import upsample, upsample_adjoint  # noqa: E402
 
 
 def timed_pair(baseline: Callable[[], Any], ours: Callable[[], Any], runs: int) -> tuple[float, float]:
@@ -76,6 +78,24 @@ def bench_loss(runs: int) -> dict[str, float]:
     ref, ours = step(reference_sam_loss), step(sam_loss)
     base_s, ours_s = timed_pair(lambda: step(reference_sam_loss), lambda: step(sam_loss), runs)
     return {"baseline_s": base_s, "ours_s": ours_s, "rel_diff": abs(ref - ours) / abs(ref)}
+
+
+def bench_upsample(runs: int) -> dict[str, float]:
+    x = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(4))
+    reps = 50  # one chunk is well under a millisecond: time 50 per run
+
+    def native() -> None:
+        for _ in range(reps):
+            F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
+
+    def ours() -> None:
+        for _ in range(reps):
+            upsample(x, (256, 256))
+
+    diff = float((F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
+                  - upsample(x, (256, 256))).abs().max())
+    base_s, ours_s = timed_pair(native, ours, runs)
+    return {"baseline_s": base_s / reps, "ours_s": ours_s / reps, "max_abs_diff": diff}
 
 
 def bench_adjoint(runs: int) -> dict[str, float]:
@@ -180,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     rows = {
         "loss, 64 masks x 11 rounds, 64->256, fwd+bwd (reference_sam_loss)": bench_loss(args.runs),
+        "upsample, 4 masks 64->256 (F.interpolate)": bench_upsample(args.runs),
         "upsample adjoint, 64 masks 64->256 (aten backward)": bench_adjoint(args.runs),
         "image-to-token attention, tiny: 64 x 256 tokens, 9 keys, fwd+bwd (SDPA)":
             bench_attention(args.runs, 64, 256, 9, 32, 4),

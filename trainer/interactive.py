@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
+from trainer.upsample import upsample
 from trainer.prompts import (
     LABEL_BOX_TOP_LEFT,
     PromptConfig,
@@ -93,8 +94,7 @@ def predicted_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.T
     Returns:
         N×S×S bool, logits > 0.
     """
-    up = F.interpolate(mask_logits.detach().float(), size=size, mode="bilinear", align_corners=False)
-    return up.squeeze(1) > 0
+    return upsample(mask_logits.detach().float(), size).squeeze(1) > 0
 
 
 def _decode_round(

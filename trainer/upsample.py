@@ -5,7 +5,7 @@ the input resolution after SAM's bilinear upsampling (``align_corners=False``, a
 official ``postprocess_masks``). The forward is ``F.interpolate``. Its adjoint, the
 gradient w.r.t. the low-res logits, is what ``aten::upsample_bilinear2d_backward``
 computes with a scatter loop that was the largest single op of our CPU step
-(``benchmarks/bench_train.py`` profile). For an integer scale ``s`` the adjoint is
+(``benchmarks/bench_train.py`` profile). For an integer scale ``s`` the map is
 separable and polyphase: along one axis, output ``m·s + r`` reads inputs ``m + d``
 (d ∈ {−1, 0, 1}) with weights fixed per phase ``r``, and PyTorch's clamping of the
 source index at 0 (and of the upper neighbour at ``n − 1``) is exactly a replicate
@@ -26,10 +26,37 @@ import torch.nn.functional as F
 
 
 def upsample(logits: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
-    """N×K×h×w -> N×K×H×W bilinear (``align_corners=False``); identity at equal size."""
-    if tuple(logits.shape[-2:]) == tuple(out_hw):
+    """N×K×h×w -> N×K×H×W bilinear (``align_corners=False``); identity at equal size.
+
+    On CPU with integer scales, the polyphase form (each output phase one weighted sum of
+    two shifted inputs, per axis): the native kernel is 1.3-2.3× slower on the loss's
+    per-chunk shapes (``benchmarks/bench_kernels.py``). Same values to fp32 rounding.
+    """
+    h, w = logits.shape[-2:]
+    big_h, big_w = (int(v) for v in out_hw)
+    if (h, w) == (big_h, big_w):
         return logits
-    return F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)
+    if logits.is_cuda or big_h % h or big_w % w or logits.dim() != 4:
+        return F.interpolate(logits, size=(big_h, big_w), mode="bilinear", align_corners=False)
+    along_w = _upsample_last_dim(logits, big_w // w)  # N×K×h×W
+    return _upsample_last_dim(along_w.transpose(-1, -2), big_h // h).transpose(-1, -2).contiguous()
+
+
+def _upsample_last_dim(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """×``scale`` bilinear along the last dim: (…, n) -> (…, n·scale)."""
+    n = x.shape[-1]
+    padded = torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)  # replicate: PyTorch's index clamp
+    out = x.new_empty(*x.shape, scale)
+    for r, row in enumerate(phase_matrix(scale, torch.float64, torch.device("cpu")).tolist()):
+        lo = 0 if row[0] else 1  # the phase reads inputs m − 1, m or m, m + 1
+        torch.add(padded[..., lo:lo + n] * row[lo], padded[..., lo + 1:lo + 1 + n], alpha=row[lo + 1],
+                  out=out[..., r])
+    out = out.view(*x.shape[:-1], n * scale)
+    # Outputs left of the first input's centre: PyTorch clamps their source to input 0
+    # (weight exactly 1); the padded form gives a·x0 + b·x0, equal only to rounding.
+    edge = (scale - 1) // 2 + (scale - 1) % 2  # outputs x with (x + 0.5)/scale − 0.5 < 0
+    out[..., :edge] = x[..., :1]
+    return out
 
 
 def upsample_adjoint(grad: torch.Tensor, in_hw: Sequence[int]) -> torch.Tensor:

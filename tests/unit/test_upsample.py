@@ -58,3 +58,26 @@ def test_upsample_is_identity_at_equal_size() -> None:
     x = torch.randn(2, 3, 8, 8)
     assert upsample(x, (8, 8)) is x
     assert upsample_adjoint(x, (8, 8)) is x
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_polyphase_forward_matches_interpolate(scale: int, dtype: torch.dtype) -> None:
+    """The CPU polyphase upsampling equals ``F.interpolate`` to rounding, edges included.
+
+    Against the fp64 interpolation for both dtypes (for scales 3 and 5 PyTorch's own fp32
+    source weights carry rounding, e.g. 1/3, ours are exact); at scale 4, SAM's, also
+    against fp32 ``F.interpolate`` itself, with the clamped left edge bit-exact.
+    """
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(3, 2, 7, 9, generator=gen, dtype=torch.float64) * 4
+    x = x64.to(dtype)
+    truth = F.interpolate(x.double(), scale_factor=scale, mode="bilinear", align_corners=False)
+    out = upsample(x, (7 * scale, 9 * scale))
+    assert out.is_contiguous() and out.dtype == dtype
+    tol = 1e-13 if dtype == torch.float64 else 4e-6
+    torch.testing.assert_close(out.double(), truth, rtol=tol, atol=tol)
+    if scale == 4:
+        ref = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        assert torch.equal(out[..., :2, :2], ref[..., :2, :2])
