@@ -189,13 +189,21 @@ def _timed(run: TrainRun, fn: Any) -> float:
 
 
 def alternate(run: TrainRun, base: BaselineStep, batches: list[Batch], runs: int) -> tuple[list[float], list[float]]:
-    """Baseline then ours on the same batch and seed, ``runs`` times after one warm-up each."""
+    """Baseline and ours on the same batch and seed, ``runs`` times after one warm-up each.
+
+    The order alternates (baseline first on even runs, ours first on odd ones) so that
+    neither side always inherits the other's cache and allocator state.
+    """
     ours_t, base_t = [], []
     for i in range(runs + 1):
         batch = batches[i % len(batches)]
         seed = step_seed(run.cfg.train.seed, run.step, run.info.rank)
-        tb = _timed(run, lambda: base.step(batch, seed))
-        to = _timed(run, lambda: run.train_step(iter([batch])))
+        if i % 2 == 0:
+            tb = _timed(run, lambda: base.step(batch, seed))
+            to = _timed(run, lambda: run.train_step(iter([batch])))
+        else:
+            to = _timed(run, lambda: run.train_step(iter([batch])))
+            tb = _timed(run, lambda: base.step(batch, seed))
         if i == 0:  # warm-up: allocator, lazy init
             run.timer.totals.clear()
             base.timer.totals.clear()

@@ -18,6 +18,7 @@ is a plain parallel loop), use the native op.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -38,8 +39,29 @@ def upsample(logits: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
         return logits
     if logits.is_cuda or big_h % h or big_w % w or logits.dim() != 4:
         return F.interpolate(logits, size=(big_h, big_w), mode="bilinear", align_corners=False)
-    along_w = _upsample_last_dim(logits, big_w // w)  # N×K×h×W
-    return _upsample_last_dim(along_w.transpose(-1, -2), big_h // h).transpose(-1, -2).contiguous()
+    return _upsample_rows(_upsample_last_dim(logits, big_w // w), big_h // h)  # via N×K×h×W
+
+
+def _upsample_rows(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """×``scale`` bilinear along dim −2: (…, n, W) -> (…, n·scale, W), whole rows at a time
+    (no transpose copy of the full-resolution result)."""
+    n, width = x.shape[-2:]
+    padded = torch.cat([x[..., :1, :], x, x[..., -1:, :]], dim=-2)
+    out = x.new_empty(*x.shape[:-2], n, scale, width)
+    for r, row in enumerate(_phase_rows(scale)):
+        lo = 0 if row[0] else 1
+        torch.add(padded[..., lo:lo + n, :] * row[lo], padded[..., lo + 1:lo + 1 + n, :], alpha=row[lo + 1],
+                  out=out[..., r, :])
+    out = out.view(*x.shape[:-2], n * scale, width)
+    out[..., :_left_edge(scale), :] = x[..., :1, :]
+    return out
+
+
+def _left_edge(scale: int) -> int:
+    """Outputs left of the first input's centre, ``(x + 0.5)/scale − 0.5 < 0``: PyTorch clamps
+    their source to input 0 (weight exactly 1); the padded form gives a·x0 + b·x0, equal
+    only to rounding, so they are copied from input 0."""
+    return (scale - 1) // 2 + (scale - 1) % 2
 
 
 def _upsample_last_dim(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -47,15 +69,12 @@ def _upsample_last_dim(x: torch.Tensor, scale: int) -> torch.Tensor:
     n = x.shape[-1]
     padded = torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)  # replicate: PyTorch's index clamp
     out = x.new_empty(*x.shape, scale)
-    for r, row in enumerate(phase_matrix(scale, torch.float64, torch.device("cpu")).tolist()):
+    for r, row in enumerate(_phase_rows(scale)):
         lo = 0 if row[0] else 1  # the phase reads inputs m − 1, m or m, m + 1
         torch.add(padded[..., lo:lo + n] * row[lo], padded[..., lo + 1:lo + 1 + n], alpha=row[lo + 1],
                   out=out[..., r])
     out = out.view(*x.shape[:-1], n * scale)
-    # Outputs left of the first input's centre: PyTorch clamps their source to input 0
-    # (weight exactly 1); the padded form gives a·x0 + b·x0, equal only to rounding.
-    edge = (scale - 1) // 2 + (scale - 1) % 2  # outputs x with (x + 0.5)/scale − 0.5 < 0
-    out[..., :edge] = x[..., :1]
+    out[..., :_left_edge(scale)] = x[..., :1]
     return out
 
 
@@ -74,8 +93,26 @@ def upsample_adjoint(grad: torch.Tensor, in_hw: Sequence[int]) -> torch.Tensor:
         return torch.ops.aten.upsample_bilinear2d_backward(
             grad.contiguous(), [big_h, big_w], list(grad.shape[:-2]) + [h, w], False, None, None)
     along_w = _adjoint_last_dim(grad.contiguous(), w, big_w // w)  # N×K×H×w
-    along_h = _adjoint_last_dim(along_w.transpose(-1, -2).contiguous(), h, big_h // h)  # N×K×w×h
-    return along_h.transpose(-1, -2).contiguous()
+    return _adjoint_rows(along_w, h, big_h // h)
+
+
+def _adjoint_rows(grad: torch.Tensor, n_in: int, scale: int) -> torch.Tensor:
+    """Adjoint of :func:`_upsample_rows`: (…, n_in·scale, W) -> (…, n_in, W), whole rows."""
+    blocks = grad.view(*grad.shape[:-2], n_in, scale, grad.shape[-1])
+    taps = [None, None, None]  # contributions to rows m − 1, m, m + 1
+    for r, row in enumerate(_phase_rows(scale)):
+        for d, weight in enumerate(row):
+            if weight:
+                term = blocks[..., r, :] * weight
+                taps[d] = term if taps[d] is None else taps[d].add_(term)
+    out = taps[1]
+    if taps[0] is not None:
+        out[..., :-1, :] += taps[0][..., 1:, :]
+        out[..., 0, :] += taps[0][..., 0, :]  # the replicate padding folds into row 0
+    if taps[2] is not None:
+        out[..., 1:, :] += taps[2][..., :-1, :]
+        out[..., -1, :] += taps[2][..., -1, :]
+    return out
 
 
 def phase_matrix(scale: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -92,6 +129,12 @@ def phase_matrix(scale: int, dtype: torch.dtype, device: torch.device) -> torch.
         weights[r, low + 1] += 1.0 - frac
         weights[r, low + 2] += frac
     return weights.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _phase_rows(scale: int) -> tuple[tuple[float, float, float], ...]:
+    """:func:`phase_matrix` as Python floats (the forward's per-phase scalar weights)."""
+    return tuple(tuple(row) for row in phase_matrix(scale, torch.float64, torch.device("cpu")).tolist())
 
 
 def _adjoint_last_dim(grad: torch.Tensor, n_in: int, scale: int) -> torch.Tensor:
