@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")
     for name, row in rows.items():
         check = ", ".join(f"{k} {v:.1e}" for k, v in row.items() if k not in ("baseline_s", "ours_s"))
-        print(f"{name}: baseline {row['baseline_s'] * 1e3:.1f} ms, ours {row['ours_s'] * 1e3:.1f} ms, "
+        print(f"{name}: baseline {row['baseline_s'] * 1e3:.3g} ms, ours {row['ours_s'] * 1e3:.3g} ms, "
               f"ratio {row['baseline_s'] / row['ours_s']:.2f} ({check})")
     return rows
 
