@@ -1,7 +1,9 @@
 """The optimised pieces of our train step, each against its straightforward baseline.
 
 Every row times the baseline and ours alternately in this process on the same inputs
-(forward + backward, median of ``--runs``), after checking that they agree:
+(forward + backward, median of ``--runs``) and prints how far apart their results are
+(the equality itself is asserted in ``tests/unit/test_step_equivalence.py`` and
+``test_upsample.py``):
 
 - ``loss``: ``trainer.loss.reference_sam_loss`` (SAM2-style: upsample every output,
   three autograd terms, argmin, gather) vs ``sam_loss`` (the fused, chunked,
@@ -42,10 +44,12 @@ from trainer.upsample import upsample, upsample_adjoint  # noqa: E402
 
 
 def timed_pair(baseline: Callable[[], Any], ours: Callable[[], Any], runs: int) -> tuple[float, float]:
-    """Median seconds of ``baseline()`` and ``ours()``, alternating, after one warm-up each."""
+    """Median seconds of ``baseline()`` and ``ours()``, after one warm-up each; the order
+    alternates so neither side always runs on the other's cache state."""
     base_t, ours_t = [], []
     for i in range(runs + 1):
-        for fn, out in ((baseline, base_t), (ours, ours_t)):
+        pair = ((baseline, base_t), (ours, ours_t))
+        for fn, out in (pair if i % 2 == 0 else pair[::-1]):
             start = time.perf_counter()
             fn()
             if i:

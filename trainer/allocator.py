@@ -8,7 +8,8 @@ decoder round at 64 masks 5-25% faster, the ViT-B encoder at 256 px 5% (the spre
 the VM's process-to-process noise; ``benchmarks/bench_kernels.py``, "allocator" row). :func:`retain_freed_memory` raises the mmap threshold to glibc's
 maximum (32 MiB on 64-bit) and stops trimming, so freed blocks are reused (the CUDA
 caching allocator does the same for GPU memory). The process's RSS then stays at its
-peak, which a training process reaches anyway.
+peak, which a training process reaches anyway; DataLoader workers forked after the call
+inherit the setting (their heap top is trimmed above 2 GiB free, glibc's int limit).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-#: Free memory kept at the top of the heap before glibc trims it.
-TRIM_THRESHOLD = 1 << 62
+#: Free memory kept at the top of the heap before glibc trims it (mallopt takes an int).
+TRIM_THRESHOLD = 2**31 - 1
 
 
 def retain_freed_memory() -> bool:
@@ -39,6 +40,5 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
-    # mallopt takes an int: clamp the trim threshold to INT_MAX (2 GiB of free heap top).
-    ok = bool(mallopt(M_TRIM_THRESHOLD, min(TRIM_THRESHOLD, 2**31 - 1))) and ok
+    ok = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and ok
     return ok

@@ -248,7 +248,8 @@ def round_loss(
 
     Focal, dice, the IoU target and the output choice come from one fused pass
     (``trainer.mask_loss.supervised_mask_loss``, equal to :func:`reference_round_loss`
-    within fp32 rounding).
+    within fp32 rounding, for binary GT; where two outputs' weighted losses are within
+    rounding of each other the argmin may pick the other one).
 
     Args:
         low_res_masks: N×K×h×w logits (K = 3 multimask, 1 single).
@@ -268,6 +269,8 @@ def round_loss(
     if targets is None:
         targets = _step_targets(low_res_masks, gt_masks, region, cfg)
     out_hw = gt_masks.shape[-2:] if cfg.resolution == "gt" else low_res_masks.shape[-2:]
+    if low_res_masks.dtype in (torch.float16, torch.bfloat16):  # sums over 1M pixels: fp32
+        low_res_masks = low_res_masks.float()
     # The argmin of the weighted mask loss picks the output to supervise (inside the
     # fused function); the other outputs get exactly zero gradient.
     focal, dice, actual_iou, best = supervised_mask_loss(

@@ -9,8 +9,8 @@ against them in ``tests/unit/test_step_equivalence.py``), rewritten for speed:
 - with ``v = x·(1 − 2t)`` (the logit signed against the target), ``1 − p_t = σ(v)`` and
   the cross-entropy is ``softplus(v)``, so the focal term needs one sigmoid and one
   softplus; the dice sums reuse the same ``σ(v)`` (``p = t + (1 − 2t)·σ(v)``);
-- rows are processed in chunks small enough to stay in cache on CPU (each pass over a
-  cached chunk instead of over 64 masks × 65,536 pixels in memory);
+- rows are processed in chunks of about 1 MiB of logits on CPU (each pass over a cache-sized
+  chunk instead of over 64 masks × 65,536 pixels in memory: 1.9× on the loss benchmark);
 - nothing per-pixel is saved for backward: the backward recomputes from the logits;
 - :class:`_SupervisedMaskLoss` takes the low-res logits, upsamples inside, picks the
   supervised output (lowest ``w_f·focal + w_d·dice``, SAM_RECIPE.md §1 "Losses") in the
@@ -29,11 +29,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from trainer.upsample import upsample, upsample_adjoint
 
-#: Elements per chunk of the per-pixel passes: ~1 MiB of fp32 on CPU (L2-resident), and
-#: large on CUDA (where chunking only bounds the temporaries' memory).
+#: Elements per chunk of the per-pixel passes: 1 MiB of fp32 logits per chunk on CPU (with
+#: the chunk's per-pixel constants and temporaries a few MiB, cache-sized; measured best
+#: of 2^15..2^30 on the loss benchmark), and large on CUDA, where chunking only bounds the
+#: temporaries' memory.
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 
 
@@ -86,9 +89,15 @@ class LossTargets:
 def loss_targets(
     targets: torch.Tensor, region: torch.Tensor | None, alpha: float, dtype: torch.dtype
 ) -> LossTargets:
-    """Build ``LossTargets`` from N×H×W binary targets and an optional N×H×W bool region."""
+    """Build ``LossTargets`` from N×H×W targets and an optional N×H×W bool region.
+
+    The identities of the fused pass hold for t ∈ {0, 1}: targets are binarised at 0.5
+    (GT masks are binary; the reference's IoU target uses the same threshold). Built in
+    fp32 at least, so pixel counts cannot overflow a half-precision type.
+    """
     n = targets.shape[0]
-    t = targets.reshape(n, -1).to(dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
+    t = (targets.reshape(n, -1) > 0.5).to(dtype)
     inside = None if region is None else region.reshape(n, -1).to(torch.bool)
     r = torch.ones_like(t) if inside is None else inside.to(dtype)
     a_t = torch.ones_like(t) if alpha < 0 else (1 - alpha) + (2 * alpha - 1) * t
@@ -241,6 +250,7 @@ class _MaskTerms(torch.autograd.Function):
         return focal, dice, iou
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor, _grad_iou: torch.Tensor):  # type: ignore[override]
         logits, inter, denom = ctx.saved_tensors
         grad = _grad_logits(logits, ctx.targets, ctx.gamma, ctx.guard, grad_focal, grad_dice, inter, denom)
@@ -272,10 +282,12 @@ class _SupervisedMaskLoss(torch.autograd.Function):
             picked = [v.gather(1, best).squeeze(1) for v in (focal, dice, iou, inter, denom)]
         ctx.save_for_backward(low_res, best, picked[3], picked[4])
         ctx.targets, ctx.gamma, ctx.out_hw, ctx.guard = t, gamma, out_hw, guard
-        ctx.mark_non_differentiable(picked[2], best)
-        return picked[0], picked[1], picked[2], best.squeeze(1)
+        best_rows = best.squeeze(1)
+        ctx.mark_non_differentiable(picked[2], best_rows)
+        return picked[0], picked[1], picked[2], best_rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor, *_unused: torch.Tensor):  # type: ignore[override]
         low_res, best, inter, denom = ctx.saved_tensors
         n, k, h, w = low_res.shape

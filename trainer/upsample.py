@@ -9,8 +9,9 @@ computes with a scatter loop that was the largest single op of our CPU step
 separable and polyphase: along one axis, output ``m·s + r`` reads inputs ``m + d``
 (d ∈ {−1, 0, 1}) with weights fixed per phase ``r``, and PyTorch's clamping of the
 source index at 0 (and of the upper neighbour at ``n − 1``) is exactly a replicate
-padding by one input on each side. So the adjoint along an axis is one ``(…·n, s) @
-(s, 3)`` matmul and two shifted adds, the padding folded back into the edge inputs:
+padding by one input on each side. So along the width the adjoint is one ``(…·n, s) @
+(s, 3)`` matmul and two shifted adds, along the height per-phase weighted sums of whole
+rows, the padding folded back into the edge inputs:
 2.7× faster than the native CPU kernel for 64 masks at 64→256 (same values to fp64
 rounding, ``tests/unit/test_upsample.py``). Other scales, and CUDA (whose native kernel
 is a plain parallel loop), use the native op.
@@ -31,7 +32,8 @@ def upsample(logits: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
 
     On CPU with integer scales, the polyphase form (each output phase one weighted sum of
     two shifted inputs, per axis): the native kernel is 1.3-2.3× slower on the loss's
-    per-chunk shapes (``benchmarks/bench_kernels.py``). Same values to fp32 rounding.
+    per-chunk shapes (``benchmarks/bench_kernels.py``). Same values to rounding in fp32 and
+    fp64 (half types round twice per axis: the loss and the click sampler upsample fp32).
     """
     h, w = logits.shape[-2:]
     big_h, big_w = (int(v) for v in out_hw)
@@ -139,7 +141,8 @@ def _phase_rows(scale: int) -> tuple[tuple[float, float, float], ...]:
 
 def _adjoint_last_dim(grad: torch.Tensor, n_in: int, scale: int) -> torch.Tensor:
     """Adjoint of ×``scale`` bilinear upsampling along the last dim: (…, n_in·scale) -> (…, n_in)."""
-    taps = grad.reshape(-1, scale) @ phase_matrix(scale, grad.dtype, grad.device)
+    with torch.autocast(grad.device.type, enabled=False):  # a backward under autocast: stay exact
+        taps = grad.reshape(-1, scale) @ phase_matrix(scale, grad.dtype, grad.device)
     taps = taps.view(*grad.shape[:-1], n_in, 3)  # contributions to m − 1, m, m + 1
     out = taps[..., 1].clone()
     out[..., :-1] += taps[..., 1:, 0]

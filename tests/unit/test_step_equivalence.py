@@ -182,7 +182,7 @@ def test_few_keys_attention_matches_sdpa(num_queries: int, num_keys: int, heads:
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-def test_decoder_attention_uses_few_keys_path_only_where_it_applies() -> None:
+def test_decoder_attention_uses_few_keys_path_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Image-to-token (many queries, few keys) takes the keys-major path on CPU; the
     token-to-image and self attention stay on SDPA; both give the same result."""
     from trainer.model import transformer
@@ -192,13 +192,17 @@ def test_decoder_attention_uses_few_keys_path_only_where_it_applies() -> None:
     image = torch.randn(2, 256, 64, generator=gen, dtype=torch.float64)
     tokens = torch.randn(2, 9, 64, generator=gen, dtype=torch.float64)
     assert transformer.few_keys(256, 9) and not transformer.few_keys(9, 256) and not transformer.few_keys(9, 9)
+    calls = []
+    real = transformer.few_keys_attention
+    monkeypatch.setattr(transformer, "few_keys_attention", lambda *a: calls.append(1) or real(*a))
     fast = attn(image, tokens, tokens)
-    saved = transformer.FEW_KEYS_MAX
-    try:
-        transformer.FEW_KEYS_MAX = 0
-        torch.testing.assert_close(fast, attn(image, tokens, tokens), rtol=1e-12, atol=1e-12)
-    finally:
-        transformer.FEW_KEYS_MAX = saved
+    assert len(calls) == 1  # image -> token took the keys-major path
+    attn(tokens, image, image)
+    attn(tokens, tokens, tokens)
+    assert len(calls) == 1  # token -> image and self attention did not
+    monkeypatch.setattr(transformer, "FEW_KEYS_MAX", 0)
+    torch.testing.assert_close(fast, attn(image, tokens, tokens), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 5, 7), (2, 4, 8, 8), (1, 1, 3, 3)])
@@ -219,3 +223,29 @@ def test_layer_norm_2d_closed_form_backward_matches_autograd(shape: tuple[int, .
     for a, b in zip(torch.autograd.grad((ours * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: LayerNorm2d.forward(ln, t), (x,))
+
+
+def test_soft_targets_are_binarised_and_half_logits_summed_in_fp32() -> None:
+    """GT given as floats in [0, 1] is the mask ``> 0.5``; fp16 logits give the fp32 loss
+    (a 256² region's 65,536 pixels do not fit fp16)."""
+    rounds, gt, valid_hw = random_case(3, [3, 1], 64, 256, torch.float32, seed=11)
+    valid = torch.ones(3, dtype=torch.bool)
+    ref = sam_loss(rounds, gt, valid, 3, LossConfig(), valid_hw=valid_hw)
+    soft = torch.where(gt, 0.8, 0.3)
+    torch.testing.assert_close(sam_loss(rounds, soft, valid, 3, LossConfig(), valid_hw=valid_hw)["loss"], ref["loss"])
+    half = [(x.detach().half().requires_grad_(True), y.detach().half().requires_grad_(True)) for x, y in rounds]
+    out = sam_loss(half, gt, valid, 3, LossConfig(), valid_hw=valid_hw)
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=2e-3, atol=1e-3)
+    grad, = torch.autograd.grad(out["loss"], half[0][0])
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+
+
+def test_custom_backwards_refuse_double_backward() -> None:
+    """First derivatives only: a second one raises instead of silently returning zero."""
+    from trainer.model.common import LayerNorm2d
+
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(LayerNorm2d(4).double()(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

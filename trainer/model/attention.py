@@ -125,9 +125,11 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        # On CPU SDPA's math kernel with a float mask is ~10% slower than the explicit
-        # formulation (measured on the tiny and ViT-B encoders, forward + backward).
-        if self.use_sdpa and (x.is_cuda or SDPA_ON_CPU):
+        # Training on CPU: SDPA's math kernel with a float mask that needs a gradient is ~10%
+        # slower than the explicit formulation (tiny and ViT-B encoders, forward + backward).
+        # Without grad (CPU evaluation) SDPA has a fused kernel and does not materialise the
+        # N×N scores: keep it there.
+        if self.use_sdpa and (x.is_cuda or SDPA_ON_CPU or not torch.is_grad_enabled()):
             # Fused kernels want 4-D (batch, heads, tokens, dim); splitting dim 0 is a view.
             shape4 = (b, self.num_heads, h * w, -1)
             mask4 = None if bias is None else bias.view(b, self.num_heads, h * w, h * w)

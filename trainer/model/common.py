@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 
 class MLPBlock(nn.Module):
@@ -25,7 +26,8 @@ class LayerNorm2d(nn.Module):
     The forward is the official sequence of ops (so the same values); the backward is
     the closed form of :class:`_LayerNorm2dFn` instead of autograd through those nine ops
     (the decoder runs three of these per round for every mask: 1.4-2× faster on CPU,
-    ``benchmarks/bench_kernels.py``, and only the normalised input is kept for backward).
+    ``benchmarks/bench_kernels.py``; backward keeps the normalised input, the per-pixel
+    std and the weight instead of every intermediate). First derivatives only.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -62,6 +64,7 @@ class _LayerNorm2dFn(torch.autograd.Function):
         return weight[:, None, None] * normed + bias[:, None, None]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         normed, std, weight = ctx.saved_tensors
         grad_weight = (grad * normed).sum((0, 2, 3)) if ctx.needs_input_grad[1] else None

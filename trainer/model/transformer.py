@@ -60,7 +60,7 @@ FEW_KEYS_MAX = 64
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
     """``softmax(q·kᵀ/√d)·v`` per head for many queries over few keys, keys-major.
 
-    The same math as SDPA (the scale applied to q first, as SDPA's math path): the scores
+    The same math as SDPA (agrees to fp64 rounding, ``tests/unit/test_step_equivalence.py``): the scores
     are laid out ``B×heads×Nk×Nq`` so the softmax reduces over the short key axis while
     the long query axis stays contiguous; CPU SDPA's per-query-block kernel spends its time
     on overhead when there are only a few keys (2–2.5× slower at SAM's decoder shapes).
