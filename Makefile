@@ -20,7 +20,7 @@ install-test:
 # Docker and debootstrap (the image tests build the trainer image and run it; no registry is
 # needed: the base image is made locally), shellcheck (the kind e2e script). Installed with apt-get when it can run as root;
 # elsewhere those tests skip, saying why (under CI=true they fail instead).
-SYSTEM_TOOLS = prometheus:prometheus promtool:prometheus dockerd:docker.io debootstrap:debootstrap shellcheck:shellcheck
+SYSTEM_TOOLS = prometheus:prometheus promtool:prometheus dockerd:docker.io debootstrap:debootstrap shellcheck:shellcheck g++:g++
 install-system:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
