@@ -67,7 +67,7 @@ pipeline:
 	$(VENV_KFP)/bin/python -m pipelines.sam_pipeline --out pipelines/sam_pipeline.yaml
 
 # The benchmark suite (issue 11): ours vs the official modules, MFU, profile, scaling, data,
-# metrics, checkpoint -> benchmarks/REPORT.md (~6-10 minutes on 2 cores); bench-quick ~1 minute.
+# metrics, checkpoint -> benchmarks/REPORT.md (~12 minutes on 2 cores); bench-quick ~2 minutes.
 bench: install-test
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) benchmarks/report.py
 

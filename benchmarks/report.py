@@ -1,6 +1,6 @@
 """One benchmark report: runs the suite and writes ``benchmarks/REPORT.md``.
 
-CPU suite (``make bench``, about 10 minutes on 2 cores): the train step ours vs the fair
+CPU suite (``make bench``, about 12 minutes on 2 cores): the train step ours vs the fair
 official-modules baseline (``bench_train``: tiny_cpu, tiny 64 masks x 11 rounds, vit_b
 widths at 256 px) with MFU and the profile split, each optimised kernel vs its
 straightforward baseline (``bench_kernels``), the data pipeline (``bench_data
