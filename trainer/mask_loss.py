@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,19 +72,10 @@ class LossTargets:
     target_sum: torch.Tensor
     count: torch.Tensor
 
-    @property
-    def finite_guard(self) -> bool:
-        """Whether the region excludes pixels (logits there are zeroed before use, so a
-        non-finite value in the padding cannot leak in as 0·inf)."""
-        return self.inside is not None
-
     def rows(self, sl: slice) -> LossTargets:
         """The same constants for rows ``sl`` (views, no copy)."""
-        return LossTargets(
-            flip=self.flip[sl], focal_weight=self.focal_weight[sl], target_in=self.target_in[sl],
-            flip_in=self.flip_in[sl], flip_focal=self.flip_focal[sl], region=self.region[sl], inside=None if self.inside is None else self.inside[sl],
-            target_in_bool=self.target_in_bool[sl], target_sum=self.target_sum[sl], count=self.count[sl],
-        )
+        return LossTargets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[sl]
+                              for f in dataclasses.fields(self)})
 
 
 def loss_targets(

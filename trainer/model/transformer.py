@@ -166,8 +166,6 @@ class TwoWayTransformer(nn.Module):
         # Token-major and contiguous once: every op of the first layer would otherwise run
         # on (and copy out of) the permuted view (~25% of that layer's time on CPU).
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:  # an expanded 1×C×h×w PE
-            image_pe = image_pe[:1]
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
