@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from trainer.model import CheckpointMismatchError, build_sam, export_official, load_sam_state_dict, spec_for
 from trainer.model import attention
 from trainer.model.attention import Attention
-from trainer.model.image_encoder import Block
+from trainer.model.image_encoder import Block, window_partition, window_unpartition
 
 
 @pytest.mark.parametrize("window_size", [6, 0], ids=["windowed", "global"])
@@ -42,6 +42,38 @@ def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int, monkey
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-10, msg=name)
     assert g1["attn.rel_pos_h"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("hw,window,qkv_bias", [((16, 16), 6, True), ((10, 13), 4, True), ((12, 12), 6, True),
+                                                ((9, 9), 7, False)], ids=["pad", "pad-hw", "no-pad", "no-bias"])
+def test_windowed_attention_skips_padding_rows_same_math(hw: tuple[int, int], window: int, qkv_bias: bool) -> None:
+    """``forward_windowed`` (qkv of the real tokens, bias added after padding) equals the
+    official order, pad -> qkv -> attention -> proj -> crop: outputs and every gradient."""
+    torch.manual_seed(0)
+    attn = Attention(24, num_heads=2, qkv_bias=qkv_bias, use_rel_pos=True, input_size=(window, window)).double()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+        if qkv_bias:
+            attn.qkv.bias.normal_(0, 1.0)  # padded keys then differ from zero keys
+    x = torch.randn(2, *hw, 24, dtype=torch.float64)
+
+    def official(xi: torch.Tensor) -> torch.Tensor:
+        windows, pad_hw = window_partition(xi, window)
+        return window_unpartition(attn(windows), window, pad_hw, hw)
+
+    results = []
+    for fn in (official, lambda xi: attn.forward_windowed(xi, window)):
+        attn.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), xi.grad.clone(), {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    (o1, gx1, g1), (o2, gx2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-10, atol=1e-11)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-10, atol=1e-11, msg=name)
 
 
 def test_attention_rejects_missing_input_size() -> None:

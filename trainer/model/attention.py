@@ -73,6 +73,33 @@ def decomposed_rel_pos_bias(
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, n)
 
 
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split ``B×H×W×C`` into ``(B·nW)×ws×ws×C`` windows, zero-padding H and W up to a multiple."""
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: back to ``B×H×W×C`` with padding removed."""
+    hp, wp = pad_hw
+    h, w = hw
+    b = windows.shape[0] // (hp * wp // window_size // window_size)
+    x = windows.view(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, hp, wp, -1)
+    if hp > h or wp > w:
+        x = x[:, :h, :w, :].contiguous()
+    return x
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -119,8 +146,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B×H×W×C`` -> ``B×H×W×C``."""
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(self._attend(self.qkv(x)))
+
+    def forward_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """``window_unpartition(self(window_partition(x)))`` without projecting the padding.
+
+        ``x``: ``B×H×W×C`` real tokens -> ``B×H×W×C``. The official block zero-pads the grid
+        to whole windows *before* ``qkv``, so every padding token projects to exactly the
+        qkv bias, and ``proj`` of padding positions is cropped away. Projecting only the
+        real tokens (bias added after padding, so its gradient still counts every padded
+        key and value) is the same math with fewer rows: at 256² (16×16 tokens in
+        28×28 padded windows) it skips 2/3 of the windowed blocks' qkv and proj rows, at
+        1024² (64² in 70²) 16%. Padding keys still take part in the softmax, as official.
+        """
+        h, w = x.shape[1], x.shape[2]
+        if h % window_size == 0 and w % window_size == 0:
+            windows, pad_hw = window_partition(x, window_size)
+            return window_unpartition(self(windows), window_size, pad_hw, (h, w))
+        qkv = F.linear(x, self.qkv.weight)
+        windows, pad_hw = window_partition(qkv, window_size)
+        if self.qkv.bias is not None:
+            windows = windows + self.qkv.bias
+        out = window_unpartition(self._attend(windows), window_size, pad_hw, (h, w))
+        return self.proj(out)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Projected ``B×H×W×3C`` qkv -> ``B×H×W×C`` attention output, heads merged (before ``proj``)."""
+        b, h, w, _ = qkv.shape
+        qkv = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
         bias = None
         if self.use_rel_pos:
@@ -129,7 +182,7 @@ class Attention(nn.Module):
         # slower than the explicit formulation (tiny and ViT-B encoders, forward + backward).
         # Without grad (CPU evaluation) SDPA has a fused kernel and does not materialise the
         # N×N scores: keep it there.
-        if self.use_sdpa and (x.is_cuda or SDPA_ON_CPU or not torch.is_grad_enabled()):
+        if self.use_sdpa and (qkv.is_cuda or SDPA_ON_CPU or not torch.is_grad_enabled()):
             # Fused kernels want 4-D (batch, heads, tokens, dim); splitting dim 0 is a view.
             shape4 = (b, self.num_heads, h * w, -1)
             mask4 = None if bias is None else bias.view(b, self.num_heads, h * w, h * w)
@@ -138,5 +191,4 @@ class Attention(nn.Module):
             )
         else:
             out = reference_attention(q, k, v, bias, self.scale)
-        out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        return out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)

@@ -6,7 +6,9 @@ zero-padded grid, padding attended without a mask) except the global blocks, the
 conv neck with no final LayerNorm. Output ``B×256×64×64`` for a 1024² input.
 
 Training additions (not in the official inference code): drop path on both residual
-branches, optional activation checkpointing per block, SDPA attention.
+branches, optional activation checkpointing per block, SDPA attention. Windowed blocks
+project only the real tokens (``Attention.forward_windowed``, the same math: padding
+tokens project to the qkv bias).
 """
 
 from __future__ import annotations
@@ -15,38 +17,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, window_partition, window_unpartition  # noqa: F401 (re-exported)
 from .common import DropPath, LayerNorm2d, MLPBlock
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Split ``B×H×W×C`` into ``(B·nW)×ws×ws×C`` windows, zero-padding H and W up to a multiple."""
-    b, h, w, c = x.shape
-    pad_h = (window_size - h % window_size) % window_size
-    pad_w = (window_size - w % window_size) % window_size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
-    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
-    return windows, (hp, wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: back to ``B×H×W×C`` with padding removed."""
-    hp, wp = pad_hw
-    h, w = hw
-    b = windows.shape[0] // (hp * wp // window_size // window_size)
-    x = windows.view(b, hp // window_size, wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, hp, wp, -1)
-    if hp > h or wp > w:
-        x = x[:, :h, :w, :].contiguous()
-    return x
 
 
 class Block(nn.Module):
@@ -85,12 +59,7 @@ class Block(nn.Module):
         """``B×H×W×C`` -> ``B×H×W×C``."""
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-        x = self.attn(x)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        x = self.attn.forward_windowed(x, self.window_size) if self.window_size > 0 else self.attn(x)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
