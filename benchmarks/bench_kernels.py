@@ -16,6 +16,11 @@ Every row times the baseline and ours alternately in this process on the same in
   (tiny: 64 masks × 256 image tokens over 9 prompt tokens; vit_b/h at 1024: 16 masks ×
   4096 tokens);
 - ``LayerNorm2d``: the official op sequence under autograd vs our closed-form backward;
+- ``decoder round, factored first layer``: one decoder round with a mask input (16 masks)
+  on ``image + dense`` vs the factored first layer of ``trainer/model/factored.py``, at
+  256 px and 1024 px;
+- ``encoder windowed attention``: a ViT-B windowed block's attention, pad then project
+  (official) vs ``Attention.forward_windowed`` (project the real tokens only);
 - ``allocator``: one tiny decoder round (64 masks, forward + backward) in a fresh
   process with glibc's defaults vs with ``trainer.allocator.retain_freed_memory`` (a
   process-wide setting, so each side runs in its own subprocess).
@@ -156,6 +161,55 @@ def bench_layer_norm(runs: int) -> dict[str, float]:
     return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
 
 
+def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
+    """One SAM decoder round (C = 256, the same for every variant) with a mask input,
+    forward + backward: the plain ``image + dense`` first layer vs the factored one."""
+    from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    spec = spec_for("vit_b", img_size=16 * grid, decoder_dropout=0.0)
+    sam = build_from_spec(spec)
+    prompt, decoder = sam.prompt_encoder, sam.mask_decoder
+    emb = torch.randn(1, 256, grid, grid, requires_grad=True)
+    coords, labels = torch.rand(masks, 6, 2) * spec.img_size, torch.randint(0, 2, (masks, 6))
+    mask = torch.randn(masks, 1, 4 * grid, 4 * grid, requires_grad=True)
+
+    def round_(factored: bool) -> torch.Tensor:
+        sparse, dense = prompt((coords, labels), None, mask, pad_points=False, factored=factored)
+        low, iou = decoder(emb, prompt.get_dense_pe(), sparse, dense, True)
+        (low.square().mean() + iou.sum()).backward()
+        return low.detach()
+
+    diff = float((round_(False) - round_(True)).abs().max())
+    base_s, ours_s = timed_pair(lambda: round_(False), lambda: round_(True), runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
+def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
+    """A ViT-B windowed encoder block's attention (14×14 windows over a zero-padded grid),
+    forward + backward: official order (pad, then qkv) vs ``Attention.forward_windowed``."""
+    from trainer.model.attention import Attention, window_partition, window_unpartition  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    attn = Attention(768, num_heads=12, use_rel_pos=True, input_size=(14, 14))
+    x = torch.randn(1, grid, grid, 768, requires_grad=True)
+
+    def official() -> torch.Tensor:
+        windows, pad_hw = window_partition(x, 14)
+        out = window_unpartition(attn(windows), 14, pad_hw, (grid, grid))
+        out.square().mean().backward()
+        return out.detach()
+
+    def ours() -> torch.Tensor:
+        out = attn.forward_windowed(x, 14)
+        out.square().mean().backward()
+        return out.detach()
+
+    diff = float((official() - ours()).abs().max())
+    base_s, ours_s = timed_pair(official, ours, runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
 def decoder_round_seconds(rounds: int) -> float:
     """Median seconds of one tiny decoder round (64 masks, 6 prompt tokens, fwd + bwd)."""
     from trainer.interactive import _decode_round  # noqa: PLC0415
@@ -171,7 +225,7 @@ def decoder_round_seconds(rounds: int) -> float:
     times = []
     for i in range(rounds + 1):
         start = time.perf_counter()
-        low, iou = _decode_round(sam, emb, sam.prompt_encoder.get_dense_pe(), coords, labels, mask, False)
+        low, iou = _decode_round(sam, emb, None, sam.prompt_encoder.get_dense_pe(), coords, labels, mask, False)
         (low.square().mean() + iou.sum()).backward()
         if i:
             times.append(time.perf_counter() - start)
@@ -211,6 +265,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "image-to-token attention, vit at 1024: 16 x 4096 tokens, 9 keys, fwd+bwd (SDPA)":
             bench_attention(args.runs, 16, 4096, 9, 128, 8),
         "LayerNorm2d, 64 x 16 x 32 x 32, fwd+bwd (official ops under autograd)": bench_layer_norm(args.runs),
+        "decoder round, factored first layer, 256 px: 16 masks x 256 tokens, fwd+bwd (image + dense)":
+            bench_factored_round(args.runs, 16, 16),
+        "decoder round, factored first layer, 1024 px: 16 masks x 4096 tokens, fwd+bwd (image + dense)":
+            bench_factored_round(max(args.runs // 2, 1), 64, 16),
+        "encoder windowed attention, vit_b at 256 px: 16x16 in 28x28 windows, fwd+bwd (pad, then qkv)":
+            bench_windowed_attention(args.runs, 16),
+        "encoder windowed attention, vit_b at 1024 px: 64x64 in 70x70 windows, fwd+bwd (pad, then qkv)":
+            bench_windowed_attention(max(args.runs // 2, 1), 64),
         "allocator: tiny decoder round, 64 masks, fwd+bwd (glibc defaults)": bench_allocator(args.runs),
     }
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")

@@ -1,7 +1,6 @@
 """``python -m trainer`` is ``sam-train``."""
 
-import sys
-
 from trainer.cli import main
+from trainer.dist import run_main
 
-sys.exit(main())
+run_main(main)

@@ -259,5 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     return func(argv[1:])
 
 
+def console_main() -> None:
+    """The ``sam-train`` console script: :func:`main` with :func:`trainer.dist.run_main`'s exit."""
+    from trainer.dist import run_main
+
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -52,9 +52,10 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
 import torch
 import torch.distributed as tdist
@@ -222,6 +223,8 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> Di
     if ranks is not None:  # under torchrun, even with world 1, so DDP code paths stay uniform
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not tdist.is_initialized():
+            global _created_process_group
+            _created_process_group = True
             timeout = dt.timedelta(seconds=timeout_s)
             tdist.init_process_group(
                 backend, rank=rank, world_size=world_size, timeout=timeout,
@@ -234,6 +237,60 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> Di
 
 def _active() -> bool:
     return tdist.is_available() and tdist.is_initialized()
+
+
+#: Whether this process created a process group (``exit_process`` then skips C++ teardown).
+_created_process_group = False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a trainer process with ``code``, which teardown cannot replace.
+
+    A gloo rank that returned its code can still die in interpreter teardown, after
+    ``destroy_process_group``: a c10d/gloo thread object destroyed while still joinable
+    aborts with "terminate called without an active exception" (SIGABRT, exit 134). That
+    was seen once in CI after both ranks had returned 3. Under ``restartPolicy: ExitCode``
+    134 counts as a signal and is retried, so a permanent stop (3, non-finite) would be
+    restarted forever. So after a process group, this runs the ``atexit`` handlers
+    (logging's flush, multiprocessing's reaping of DataLoader workers), flushes stdout and
+    stderr, and leaves with ``os._exit``, skipping C++ static destruction. Without a
+    process group it is plain ``sys.exit``.
+    """
+    if not _created_process_group:
+        sys.exit(code)
+    import atexit  # noqa: PLC0415
+
+    atexit._run_exitfuncs()  # noqa: SLF001 (CPython's own exit path runs exactly these)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to lose
+            pass
+    os._exit(code)
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """``sys.exit(main())`` for the trainer's entry points, through :func:`exit_process`.
+
+    An uncaught exception prints its traceback and exits 1 (Python's own rule), a
+    ``SystemExit`` keeps its code (argparse's 2), Ctrl-C exits 130, so every way out of a
+    rank that had a process group gets the teardown-proof exit.
+    """
+    try:
+        code = main()
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
+    except BaseException:  # noqa: BLE001 (printed like Python does, then exit 1)
+        traceback.print_exc()
+        code = 1
+    exit_process(int(code or 0))
 
 
 def get_rank() -> int:

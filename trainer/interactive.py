@@ -99,6 +99,7 @@ def predicted_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.T
 def _decode_round(
     sam: nn.Module,
     embeddings: torch.Tensor,
+    image_index: torch.Tensor | None,
     image_pe: torch.Tensor,
     coords: torch.Tensor,
     labels: torch.Tensor,
@@ -107,12 +108,15 @@ def _decode_round(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt-encoder + decoder call for all masks: (N×K×4h×4w logits, N×K IoU).
 
+    ``embeddings`` holds the step's B images and ``image_index`` each mask's (None: one
+    image shared by all). The dense prompt stays factored (``trainer/model/factored.py``):
+    the decoder's first layer projects each image once, not once per mask.
     ``multimask`` is one flag for all rows, or N bool per row (then K = 3 and rows
     without it carry token 0 repeated, see the module docstring).
     """
     # Our rows already carry the official padding ([pt, pad]; none for boxes).
     sparse, dense = sam.prompt_encoder(
-        points=(coords, labels), boxes=None, masks=mask_input, pad_points=False
+        points=(coords, labels), boxes=None, masks=mask_input, pad_points=False, factored=True
     )
     if isinstance(multimask, bool):
         return sam.mask_decoder(
@@ -121,8 +125,9 @@ def _decode_round(
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
+            image_index=image_index,
         )
-    masks, iou = sam.mask_decoder.predict_masks(embeddings, image_pe, sparse, dense)  # N×4
+    masks, iou = sam.mask_decoder.predict_masks(embeddings, image_pe, sparse, dense, image_index)  # N×4
     rows = multimask.view(-1, 1)
     iou = torch.where(rows, iou[:, 1:], iou[:, :1].expand(-1, 3))
     masks = torch.where(rows.view(-1, 1, 1, 1), masks[:, 1:], masks[:, :1].expand(-1, 3, -1, -1))
@@ -193,11 +198,8 @@ def simulate_interaction(
         region = None if valid_hw is None else image_region(valid_hw.to(gt_masks.device), size)
         is_box = labels[:, 0] == LABEL_BOX_TOP_LEFT
         num_box = int(is_box.sum())  # the step's one host sync here; rounds then need none
-    # One image: let the decoder broadcast the 1×C×h×w embedding instead of gathering.
-    if image_embeddings.shape[0] == 1:
-        embeddings = image_embeddings
-    else:
-        embeddings = image_embeddings.index_select(0, image_index)
+    # One image: the decoder broadcasts the 1×C×h×w embedding; several: it gathers per mask.
+    index = None if image_embeddings.shape[0] == 1 else image_index
     image_pe = sam.prompt_encoder.get_dense_pe()
     mask_input: torch.Tensor | None = None
     outputs: list[RoundOutput] = []
@@ -211,12 +213,12 @@ def simulate_interaction(
         multimask, rows = _round_multimask(num_prompts, is_box, num_box, cfg)
         if checkpoint_rounds and torch.is_grad_enabled():
             low_res, iou_pred = checkpoint(
-                _decode_round, sam, embeddings, image_pe, coords, labels, mask_input, multimask,
-                use_reentrant=False,
+                _decode_round, sam, image_embeddings, index, image_pe, coords, labels, mask_input,
+                multimask, use_reentrant=False,
             )
         else:
             low_res, iou_pred = _decode_round(
-                sam, embeddings, image_pe, coords, labels, mask_input, multimask
+                sam, image_embeddings, index, image_pe, coords, labels, mask_input, multimask
             )
         outputs.append(RoundOutput(low_res, iou_pred, low_res.shape[1] > 1, coords, labels,
                                    mask_input, coords.shape[1], rows))

@@ -308,3 +308,44 @@ def test_start_up_probe_retries_transient_storage_errors_then_exits_retryably(mo
         preflight.check_run_locations({"train.run_dir": "gs://b/run"}, is_main=True)
     assert not preflight.is_transient(ValueError("unknown protocol"))
     assert preflight.is_transient(HttpError(429)) and not preflight.is_transient(HttpError(403))
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+from trainer import dist
+mode, marker = sys.argv[1], sys.argv[2]
+if mode.startswith("group"):  # a real 1-rank gloo group, created and destroyed like a trainer's
+    dist.init_distributed("cpu")
+    assert dist._created_process_group and dist._active()
+    dist.destroy()
+atexit.register(lambda: open(marker, "w").write("atexit ran"))
+sys.stdout.write("buffered, no newline")
+def main():
+    if mode.endswith("raise"):
+        raise ValueError("boom")
+    if mode.endswith("usage"):
+        raise SystemExit(2)
+    return 3
+dist.run_main(main)
+"""
+
+
+@pytest.mark.parametrize("mode,code", [("plain", 3), ("group", 3), ("group-raise", 1), ("group-usage", 2),
+                                       ("plain-raise", 1)])
+def test_run_main_exit_code_survives_teardown(tmp_path: Path, mode: str, code: int) -> None:
+    """Entry points leave through ``run_main``: with a (real, destroyed) gloo group the exit
+    is ``os._exit`` after the atexit handlers and a flush, so C++ teardown cannot turn 3
+    into 134; the code, buffered output, atexit work and tracebacks are all kept."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("PET_")}
+    if mode.startswith("group"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    marker = tmp_path / "atexit.txt"
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, mode, str(marker)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.startswith("buffered, no newline")
+    assert marker.read_text() == "atexit ran"
+    assert ("ValueError: boom" in proc.stderr) == mode.endswith("raise")

@@ -249,3 +249,72 @@ def test_custom_backwards_refuse_double_backward() -> None:
     g, = torch.autograd.grad(LayerNorm2d(4).double()(x).pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def _decode(sam: torch.nn.Module, emb: torch.Tensor, index: torch.Tensor | None, coords: torch.Tensor,
+            labels: torch.Tensor, mask: torch.Tensor | None, factored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    sparse, dense = sam.prompt_encoder((coords, labels), None, mask, pad_points=False, factored=factored)
+    return sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True, image_index=index)
+
+
+@pytest.mark.parametrize("images,index", [(1, None), (3, [0, 2, 1, 1, 0]), (5, None)],
+                         ids=["one-image", "image-index", "per-prompt"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask-input", "no-mask"])
+def test_factored_first_layer_matches_plain_dense_embedding(images: int, index: list[int] | None,
+                                                           with_mask: bool) -> None:
+    """The decoder's factored first layer (per-image projections + 16-channel mask features,
+    ``trainer/model/factored.py``) is the plain ``image + dense`` decoder reassociated: the
+    same logits, IoUs and gradients (image embedding, mask input, every parameter) to fp32
+    rounding. Gradients that are zero in exact arithmetic (k_proj biases: softmax ignores a
+    constant shift) are compared against the largest gradient's scale."""
+    from trainer.model.build import build_from_spec, spec_for
+
+    torch.manual_seed(3)
+    spec = spec_for("tiny")
+    sam = build_from_spec(spec)
+    with torch.no_grad():  # non-trivial mask branch and no-mask embedding
+        for p in sam.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g, c, n = spec.embedding_grid, spec.prompt_embed_dim, 5
+    emb = torch.randn(images, c, g, g, requires_grad=True)
+    coords, labels = torch.rand(n, 3, 2) * spec.img_size, torch.randint(0, 2, (n, 3))
+    mask = torch.randn(n, 1, 4 * g, 4 * g, requires_grad=True) if with_mask else None
+    idx = None if index is None else torch.tensor(index)
+    results = []
+    for factored in (False, True):
+        sam.zero_grad()
+        leaves = [emb] + ([mask] if with_mask else [])
+        masks, iou = _decode(sam, emb, idx, coords, labels, mask, factored)
+        w = torch.randn(masks.shape, generator=torch.Generator().manual_seed(1))
+        params = [p for p in sam.parameters()]
+        grads_ = torch.autograd.grad((masks * w).sum() + iou.square().sum(), leaves + params, allow_unused=True)
+        results.append((masks.detach(), iou.detach(), grads_))
+    (m1, i1, g1), (m2, i2, g2) = results
+    torch.testing.assert_close(m2, m1, rtol=1e-4, atol=1e-5 * float(m1.abs().max()))
+    torch.testing.assert_close(i2, i1, rtol=1e-4, atol=1e-6)
+    scale = max(float(a.abs().max()) for a in g1 if a is not None)
+    names = ["emb", "mask"][: 1 + with_mask] + [name for name, _ in sam.named_parameters()]
+    for name, a, b in zip(names, g1, g2):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-6 * scale, msg=name)
+
+
+def test_factored_first_layer_under_bf16_autocast_and_rejects_a_bad_index() -> None:
+    """Under CPU bf16 autocast (the GPU recipe's precision) the factored layer agrees with
+    the plain one to bf16 rounding; a wrong-length ``image_index`` is named."""
+    from trainer.model.build import build_from_spec, spec_for
+
+    torch.manual_seed(4)
+    spec = spec_for("tiny")
+    sam = build_from_spec(spec)
+    g, c = spec.embedding_grid, spec.prompt_embed_dim
+    emb, mask = torch.randn(2, c, g, g), torch.randn(4, 1, 4 * g, 4 * g)
+    coords, labels, idx = torch.rand(4, 2, 2) * spec.img_size, torch.ones(4, 2, dtype=torch.long), torch.tensor([1, 0, 0, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = _decode(sam, emb, idx, coords, labels, mask, False)
+        fact, _ = _decode(sam, emb, idx, coords, labels, mask, True)
+    assert fact.dtype == plain.dtype
+    assert float((fact.float() - plain.float()).abs().max()) <= 0.05 * float(plain.float().abs().max())
+    with pytest.raises(ValueError, match="image_index has shape"):
+        _decode(sam, emb, idx[:3], coords, labels, mask, True)

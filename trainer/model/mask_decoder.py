@@ -1,8 +1,13 @@
 """Mask decoder, exactly as segment-anything's ``MaskDecoder`` (same keys and outputs).
 
-Extension: ``image_embeddings`` may hold one row per prompt (``N×C×h×w``, e.g. gathered
-with ``emb[image_index]`` when a step trains on several images) as well as the official
-single image (``1×C×h×w``, broadcast to every prompt).
+Extensions (training; the official call gives the official result):
+
+- ``image_embeddings`` may hold one row per prompt (``N×C×h×w``, e.g. gathered with
+  ``emb[image_index]``), or the step's B images with ``image_index`` naming each prompt's,
+  as well as the official single image (``1×C×h×w``, broadcast to every prompt).
+- ``dense_prompt_embeddings`` may be a :class:`~trainer.model.factored.LowRankDense`
+  (``PromptEncoder(..., factored=True)``): the first two-way layer then projects each
+  image once and each mask through the 16-channel mask features (``factored.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import LayerNorm2d
+from .factored import FactoredTokens, LowRankDense
 
 
 class MLP(nn.Module):
@@ -69,43 +75,55 @@ class MaskDecoder(nn.Module):
         image_embeddings: Tensor,
         image_pe: Tensor,
         sparse_prompt_embeddings: Tensor,
-        dense_prompt_embeddings: Tensor,
+        dense_prompt_embeddings: Tensor | LowRankDense,
         multimask_output: bool,
+        image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Predict masks.
 
         Args:
-            image_embeddings: ``1×C×h×w`` (shared) or ``N×C×h×w`` (one per prompt).
+            image_embeddings: ``1×C×h×w`` (shared), ``N×C×h×w`` (one per prompt) or
+                ``B×C×h×w`` with ``image_index``.
             image_pe: ``1×C×h×w`` dense positional encoding.
-            sparse_prompt_embeddings: ``N×T×C``; dense_prompt_embeddings: ``N×C×h×w``.
+            sparse_prompt_embeddings: ``N×T×C``; dense_prompt_embeddings: ``N×C×h×w``
+                or its :class:`LowRankDense` factors.
             multimask_output: return the 3 multimask outputs (tokens 1–3) instead of token 0.
+            image_index: N int64, the row of ``image_embeddings`` of each prompt.
 
         Returns:
             low-res mask logits ``N×K×4h×4w`` and predicted IoU ``N×K`` (K = 3 or 1).
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index
         )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
 
     def predict_masks(
         self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
-        dense_prompt_embeddings: Tensor,
+        dense_prompt_embeddings: Tensor | LowRankDense, image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """All ``num_mask_tokens`` masks ``N×4×4h×4w`` and IoUs ``N×4``."""
+        """All ``num_mask_tokens`` masks ``N×4×4h×4w`` and IoUs ``N×4`` (arguments as :meth:`forward`)."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        if image_embeddings.shape[0] not in (1, n):
+        if image_index is not None and image_index.shape != (n,):
+            raise ValueError(f"image_index has shape {tuple(image_index.shape)}; expected ({n},), one per prompt")
+        if image_index is None and image_embeddings.shape[0] not in (1, n):
             raise ValueError(
                 f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 (shared) "
-                f"or {n} (one per prompt)"
+                f"or {n} (one per prompt), or pass image_index"
             )
-        src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
-        b, c, h, w = src.shape
+        b, c, h, w = n, *image_embeddings.shape[1:]
+        if isinstance(dense_prompt_embeddings, LowRankDense):
+            image = image_embeddings.flatten(2).transpose(1, 2).contiguous()  # B×(h·w)×C, once per image
+            src = FactoredTokens(image, image_index, dense_prompt_embeddings)
+        else:
+            if image_index is not None:
+                image_embeddings = image_embeddings.index_select(0, image_index)
+            src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
 
         hs, src = self.transformer(src, image_pe, tokens)  # the 1×C×h×w PE broadcasts over masks
         iou_token_out = hs[:, 0, :]

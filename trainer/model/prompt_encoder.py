@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .common import LayerNorm2d
+from .factored import LowRankDense
 
 #: Point labels understood by :meth:`PromptEncoder.forward`.
 LABEL_PAD, LABEL_NEG, LABEL_POS, LABEL_BOX_TL, LABEL_BOX_BR = -1, 0, 1, 2, 3
@@ -151,7 +152,8 @@ class PromptEncoder(nn.Module):
         masks: torch.Tensor | None,
         *,
         pad_points: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        factored: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | LowRankDense]:
         """Embed prompts.
 
         Args:
@@ -160,6 +162,8 @@ class PromptEncoder(nn.Module):
             boxes: ``B×4`` XYXY or None.
             masks: ``B×1×4h×4w`` low-res mask logits or None.
             pad_points: append a padding point; None = official rule (``boxes is None``).
+            factored: return the dense embedding as :class:`LowRankDense` factors (the mask
+                branch's last 1×1 conv not applied) for the decoder's factored first layer.
 
         Returns:
             sparse ``B×T×C`` and dense ``B×C×h×w`` embeddings.
@@ -172,6 +176,8 @@ class PromptEncoder(nn.Module):
             sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=pad)], dim=1)
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
+        if factored:
+            return sparse, self._factored_dense(masks, bs)
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
@@ -179,3 +185,13 @@ class PromptEncoder(nn.Module):
                 bs, -1, self.image_embedding_size[0], self.image_embedding_size[1]
             )
         return sparse, dense
+
+    def _factored_dense(self, masks: torch.Tensor | None, num_prompts: int) -> LowRankDense:
+        """The dense embedding's factors: mask features before the last 1×1 conv, or ``no_mask_embed``."""
+        if masks is None:
+            return LowRankDense(None, None, self.no_mask_embed.weight[0], num_prompts, self.image_embedding_size)
+        *features_layers, last = self.mask_downscaling
+        features = masks
+        for layer in features_layers:
+            features = layer(features)
+        return LowRankDense(features, last.weight.flatten(1), last.bias, num_prompts, tuple(features.shape[-2:]))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import MLPBlock
+from .factored import FactoredTokens
 
 
 class Attention(nn.Module):
@@ -37,7 +38,10 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The attention and ``out_proj`` of already projected ``q: B×Nq×D``, ``k/v: B×Nk×D``."""
         if not q.is_cuda and few_keys(q.shape[1], k.shape[1]):
             return self.out_proj(few_keys_attention(q, k, v, self.num_heads))
         q, k, v = self._separate_heads(q), self._separate_heads(k), self._separate_heads(v)
@@ -109,8 +113,10 @@ class TwoWayAttentionBlock(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """queries ``B×Nt×C``, keys ``B×(h·w)×C`` -> updated (queries, keys)."""
+    def forward(
+        self, queries: Tensor, keys: Tensor | FactoredTokens, query_pe: Tensor, key_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """queries ``B×Nt×C``, keys ``B×(h·w)×C`` (or factored, first layer) -> updated (queries, keys)."""
         if self.skip_first_layer_pe:
             # Official quirk: the first layer replaces (not adds to) the queries.
             queries = self._drop(self.self_attn(q=queries, k=queries, v=queries))
@@ -119,15 +125,25 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self._drop(self.self_attn(q=q, k=q, v=queries))
         queries = self.norm1(queries)
 
+        t2i = self.cross_attn_token_to_image
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self._drop(self.cross_attn_token_to_image(q=q, k=k, v=keys)))
+        attn = t2i.attend(t2i.q_proj(q), _project(keys, t2i.k_proj, key_pe), _project(keys, t2i.v_proj))
+        queries = self.norm2(queries + self._drop(attn))
         queries = self.norm3(queries + self._drop(self.mlp(queries)))
 
+        i2t = self.cross_attn_image_to_token
         q = queries + query_pe
-        k = keys + key_pe
-        keys = self.norm4(keys + self._drop(self.cross_attn_image_to_token(q=k, k=q, v=queries)))
+        attn = i2t.attend(_project(keys, i2t.q_proj, key_pe), i2t.k_proj(q), i2t.v_proj(queries))
+        keys = keys.tokens() if isinstance(keys, FactoredTokens) else keys
+        keys = self.norm4(keys + self._drop(attn))
         return queries, keys
+
+
+def _project(keys: Tensor | FactoredTokens, linear: nn.Linear, pe: Tensor | None = None) -> Tensor:
+    """``linear(keys + pe)`` (``linear(keys)`` without ``pe``), factored keys included."""
+    if isinstance(keys, FactoredTokens):
+        return keys.project(linear, pe)
+    return linear(keys if pe is None else keys + pe)
 
 
 class TwoWayTransformer(nn.Module):
@@ -160,16 +176,22 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
         self.dropout = dropout
 
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """``B×C×h×w`` image, ``B×C×h×w`` or ``1×C×h×w`` (broadcast) PE, ``B×Nt×C`` tokens
-        -> (``B×Nt×C``, ``B×(h·w)×C``)."""
+    def forward(
+        self, image_embedding: Tensor | FactoredTokens, image_pe: Tensor, point_embedding: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``B×C×h×w`` image (or :class:`FactoredTokens`), ``B×C×h×w`` or ``1×C×h×w``
+        (broadcast) PE, ``B×Nt×C`` tokens -> (``B×Nt×C``, ``B×(h·w)×C``)."""
         # Token-major and contiguous once: every op of the first layer would otherwise run
         # on (and copy out of) the permuted view (~25% of that layer's time on CPU).
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        keys = image_embedding
+        if not isinstance(keys, FactoredTokens):
+            keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
+        if isinstance(keys, FactoredTokens):  # depth 0
+            keys = keys.tokens()
         attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
         if self.dropout:
             attn_out = F.dropout(attn_out, self.dropout, self.training)
