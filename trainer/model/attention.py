@@ -43,34 +43,38 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 
 def decomposed_rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int],
+    q_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Additive attention bias from decomposed relative positions (MViTv2).
 
     Args:
-        q: unscaled queries ``B×(H·W)×C`` (B counts batch × heads).
+        q: unscaled queries ``B×(qh·qw)×C`` (B counts batch × heads).
         rel_pos_h, rel_pos_w: ``(2H−1)×C`` / ``(2W−1)×C`` tables.
-        size: ``(H, W)`` token grid (queries and keys share it).
+        size: ``(H, W)`` key grid.
+        q_size: ``(qh, qw)``: the queries sit at the top-left ``qh×qw`` positions of the
+            key grid (a window's real tokens); None: the whole grid, as official.
 
     Returns:
-        ``B×(H·W)×(H·W)`` bias, same dtype as ``q``.
+        ``B×(qh·qw)×(H·W)`` bias, same dtype as ``q``.
     """
     h, w = size
-    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)
-    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)
+    qh, qw = size if q_size is None else q_size
+    rh = get_rel_pos(h, h, rel_pos_h)[:qh].to(q.dtype)
+    rw = get_rel_pos(w, w, rel_pos_w)[:qw].to(q.dtype)
     b, _, dim = q.shape
-    r_q = q.reshape(b, h, w, dim)
+    r_q = q.reshape(b, qh, qw, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-    n = h * w
+    n, nq = h * w, qh * qw
     if q.is_cuda and n % 8:
         # Memory-efficient kernels want the bias row stride aligned to 8 elements
         # (196-token windows are not): allocate padded, hand SDPA a sliced view.
-        padded = q.new_empty(b, n, n + (-n) % 8)
+        padded = q.new_empty(b, nq, n + (-n) % 8)
         bias = padded[..., :n]
-        bias.view(b, h, w, h, w).copy_(rel_h[..., :, None] + rel_w[..., None, :])
+        bias.view(b, qh, qw, h, w).copy_(rel_h[..., :, None] + rel_w[..., None, :])
         return bias
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, n)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nq, n)
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -149,26 +153,67 @@ class Attention(nn.Module):
         return self.proj(self._attend(self.qkv(x)))
 
     def forward_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
-        """``window_unpartition(self(window_partition(x)))`` without projecting the padding.
+        """``window_unpartition(self(window_partition(x)))`` without computing for the padding.
 
         ``x``: ``B×H×W×C`` real tokens -> ``B×H×W×C``. The official block zero-pads the grid
-        to whole windows *before* ``qkv``, so every padding token projects to exactly the
-        qkv bias, and ``proj`` of padding positions is cropped away. Projecting only the
-        real tokens (bias added after padding, so its gradient still counts every padded
-        key and value) is the same math with fewer rows: at 256² (16×16 tokens in
-        28×28 padded windows) it skips 2/3 of the windowed blocks' qkv and proj rows, at
-        1024² (64² in 70²) 16%. Padding keys still take part in the softmax, as official.
+        to whole windows *before* ``qkv`` and crops after ``proj``, so:
+
+        - every padding token projects to exactly the qkv bias: ``qkv`` runs on the real
+          tokens only and the bias is added after padding (its gradient still counts
+          every padded key and value);
+        - a padding position's query and output are cropped away: queries are taken for
+          the real tokens only, in up to four bands of windows (full windows, the last
+          window column, row and corner; :func:`_window_bands`), each attending to its
+          whole padded ``ws×ws`` window of keys, rel-pos bias sliced to the real rows.
+
+        The same math with fewer rows: at 256² (16×16 tokens in 28×28 padded windows) it
+        skips 2/3 of the windowed blocks' qkv, attention and proj rows, at 1024² (64² in
+        70²) 16%. Padding keys take part in the softmax, as official.
         """
         h, w = x.shape[1], x.shape[2]
         if h % window_size == 0 and w % window_size == 0:
             windows, pad_hw = window_partition(x, window_size)
             return window_unpartition(self(windows), window_size, pad_hw, (h, w))
-        qkv = F.linear(x, self.qkv.weight)
-        windows, pad_hw = window_partition(qkv, window_size)
+        c = x.shape[-1]
+        qkv = F.linear(x, self.qkv.weight)  # B×H×W×3C, real tokens only
+        q = qkv[..., :c]
+        kv, _ = window_partition(qkv[..., c:], window_size)  # (B·nW)×ws×ws×2C
         if self.qkv.bias is not None:
-            windows = windows + self.qkv.bias
-        out = window_unpartition(self._attend(windows), window_size, pad_hw, (h, w))
-        return self.proj(out)
+            q = q + self.qkv.bias[:c]
+            kv = kv + self.qkv.bias[c:]
+        return self.proj(self._attend_real_queries(q, kv, window_size))
+
+    def _attend_real_queries(self, q: torch.Tensor, kv: torch.Tensor, ws: int) -> torch.Tensor:
+        """Windowed attention for the real queries only.
+
+        Args:
+            q: ``B×H×W×C`` projected queries of the real tokens.
+            kv: ``(B·nh·nw)×ws×ws×2C`` projected keys and values of the padded windows.
+
+        Returns:
+            ``B×H×W×C`` attention output, heads merged (before ``proj``).
+        """
+        b, h, w, c = q.shape
+        heads = self.num_heads
+        d = c // heads
+        nh, nw = -(-h // ws), -(-w // ws)
+        kv = kv.view(b, nh, nw, ws * ws, 2, heads, d)
+        rows = []
+        for r0, nr, qh in _window_bands(h, ws):
+            cols = []
+            for c0, nc, qw in _window_bands(w, ws):
+                # The band's windows, each with its qh×qw real queries at the top left.
+                qb = q[:, r0 * ws : r0 * ws + nr * qh, c0 * ws : c0 * ws + nc * qw]
+                qb = qb.reshape(b, nr, qh, nc, qw, heads, d).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, qh * qw, d)
+                kb, vb = kv[:, r0 : r0 + nr, c0 : c0 + nc].permute(4, 0, 1, 2, 5, 3, 6).reshape(2, -1, ws * ws, d)
+                bias = None
+                if self.use_rel_pos:
+                    bias = decomposed_rel_pos_bias(qb, self.rel_pos_h, self.rel_pos_w, (ws, ws), (qh, qw))
+                out = self._heads_attention(qb, kb, vb, bias)
+                cols.append(out.view(b, nr, nc, heads, qh, qw, d).permute(0, 1, 4, 2, 5, 3, 6)
+                            .reshape(b, nr * qh, nc * qw, c))
+            rows.append(torch.cat(cols, dim=2) if len(cols) > 1 else cols[0])
+        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Projected ``B×H×W×3C`` qkv -> ``B×H×W×C`` attention output, heads merged (before ``proj``)."""
@@ -178,17 +223,30 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        out = self._heads_attention(q, k, v, bias)
+        return out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+
+    def _heads_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``softmax((q·s)kᵀ + bias) v`` for ``(B·heads)×Nq×d`` queries over ``(B·heads)×Nk×d``."""
         # Training on CPU: SDPA's math kernel with a float mask that needs a gradient is ~10%
         # slower than the explicit formulation (tiny and ViT-B encoders, forward + backward).
         # Without grad (CPU evaluation) SDPA has a fused kernel and does not materialise the
         # N×N scores: keep it there.
-        if self.use_sdpa and (qkv.is_cuda or SDPA_ON_CPU or not torch.is_grad_enabled()):
+        if self.use_sdpa and (q.is_cuda or SDPA_ON_CPU or not torch.is_grad_enabled()):
             # Fused kernels want 4-D (batch, heads, tokens, dim); splitting dim 0 is a view.
-            shape4 = (b, self.num_heads, h * w, -1)
-            mask4 = None if bias is None else bias.view(b, self.num_heads, h * w, h * w)
+            b = q.shape[0] // self.num_heads
+            mask4 = None if bias is None else bias.view(b, self.num_heads, *bias.shape[1:])
             out = F.scaled_dot_product_attention(
-                q.view(shape4), k.view(shape4), v.view(shape4), attn_mask=mask4
+                *(t.view(b, self.num_heads, *t.shape[1:]) for t in (q, k, v)), attn_mask=mask4
             )
-        else:
-            out = reference_attention(q, k, v, bias, self.scale)
-        return out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+            return out.view(q.shape[0], q.shape[1], -1)
+        return reference_attention(q, k, v, bias, self.scale)
+
+
+def _window_bands(n: int, ws: int) -> list[tuple[int, int, int]]:
+    """Along one axis of ``n`` real tokens in ``ws``-wide windows: ``(first window, number of
+    windows, real tokens per window)`` for the full windows and the last partial one."""
+    full, rest = divmod(n, ws)
+    return ([(0, full, ws)] if full else []) + ([(full, 1, rest)] if rest else [])

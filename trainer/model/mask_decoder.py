@@ -133,6 +133,21 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
+        return self._hyper_product(hyper_in, upscaled), self.iou_prediction_head(iou_token_out)
+
+    @staticmethod
+    def _hyper_product(hyper_in: Tensor, upscaled: Tensor) -> Tensor:
+        """``hyper_in @ upscaled`` over channels: ``N×K×c`` and ``N×c×H×W`` -> ``N×K×H×W``.
+
+        The upscaling convolutions take the token-major image (a channels-last view) and
+        return channels-last. Multiplying in that layout (``N×(H·W)×c @ N×c×K``) makes
+        the gradient reaching the last GELU channels-last too; the official
+        ``upscaled.view(b, c, h*w)`` product hands it a channel-major gradient, and
+        ``gelu_backward`` on mixed layouts runs ~9× slower on CPU (the decoder's largest
+        elementwise op: N×32×4h×4w per round). Same products, other layout.
+        """
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        if upscaled.is_contiguous(memory_format=torch.channels_last) and not upscaled.is_contiguous():
+            pixels = upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: N×(H·W)×c
+            return (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
