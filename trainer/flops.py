@@ -17,6 +17,15 @@ modules in ``trainer.model`` for any :class:`~trainer.model.build.SamSpec`:
   The image embedding is expanded per mask (``MaskDecoder.predict_masks``), so the
   image-side work of the two-way transformer (key/value projections over h·w tokens,
   the image→token attention, the output upscaling) is paid per mask, not per image.
+- Model vs executed FLOPs. The counts above are the official model's (SAM_RECIPE.md
+  §7; MFU counts them, the paper's convention). Our step executes fewer, the same math
+  reassociated (``executed=True``): windowed blocks skip the padding rows
+  (``Attention.forward_windowed``: qkv, proj and queries for the real G² tokens only,
+  keys still over the padded windows), and the decoder's first two-way layer projects
+  each image once and each mask through the r = ``mask_in_chans`` mask features
+  (``trainer/model/factored.py``, per-image part :func:`decoder_image_flops`). The
+  tests check both against the counter: the model count on the official
+  ``segment_anything`` modules, the executed count on ours.
 - Training (:func:`train_flops_per_image`): backward ≈ 2× forward, so training ≈ 3×
   forward, plus one more forward of what activation checkpointing recomputes (every
   encoder block but its last matmul, every interactive round's prompt encoder +
@@ -81,14 +90,15 @@ def patch_embed_flops(spec: SamSpec) -> float:
     return _linear(tokens, 3 * spec.patch_size**2, spec.encoder_embed_dim)
 
 
-def encoder_block_flops(spec: SamSpec, global_attention: bool) -> float:
+def encoder_block_flops(spec: SamSpec, global_attention: bool, executed: bool = False) -> float:
     """One encoder block's forward FLOPs per image.
 
     Global: qkv + proj + MLP (ratio 4) over the G×G grid, attention over all G² tokens and
     the two rel-pos einsums (``bhwc,hkc->bhwk``, each ``2·N·G·D``). Windowed: the grid is
     zero-padded to ``Gp`` (a multiple of the window ``w``) for qkv, proj and attention
     (``(Gp/w)²`` windows of w² tokens, padding attended without a mask), the MLP runs on
-    the cropped G² tokens.
+    the cropped G² tokens. ``executed``: qkv, proj and the queries on the G² real tokens
+    only (each still attending to its window's w² keys).
     """
     d, grid = spec.encoder_embed_dim, spec.embedding_grid
     tokens = grid * grid
@@ -97,6 +107,8 @@ def encoder_block_flops(spec: SamSpec, global_attention: bool) -> float:
         side, window = grid, grid
     else:
         side, window = _padded_side(grid, spec.window_size), spec.window_size
+    if executed:
+        side = grid
     attn_tokens = side * side  # every window holds window² tokens; there are (side/window)² of them
     projections = _linear(attn_tokens, d, 3 * d) + _linear(attn_tokens, d, d)
     core = _attention_core(attn_tokens, window * window, d)  # each query sees its window
@@ -110,13 +122,13 @@ def neck_flops(spec: SamSpec) -> float:
     return _linear(tokens, spec.encoder_embed_dim, c) + _linear(tokens, 9 * c, c)
 
 
-def encoder_blocks_flops(spec: SamSpec) -> float:
+def encoder_blocks_flops(spec: SamSpec, executed: bool = False) -> float:
     """All encoder blocks' forward, per image."""
-    return sum(encoder_block_flops(spec, i in spec.encoder_global_attn_indexes)
+    return sum(encoder_block_flops(spec, i in spec.encoder_global_attn_indexes, executed)
                for i in range(spec.encoder_depth))
 
 
-def encoder_recompute_flops(spec: SamSpec) -> float:
+def encoder_recompute_flops(spec: SamSpec, executed: bool = False) -> float:
     """What activation checkpointing recomputes in the encoder's backward, per image.
 
     Every block is re-run, except its last matmul (``mlp.lin2``): the non-reentrant
@@ -125,12 +137,12 @@ def encoder_recompute_flops(spec: SamSpec) -> float:
     ``lin2``'s output is saved by nothing. Checked with the counter in the unit tests.
     """
     tokens, d = spec.embedding_grid**2, spec.encoder_embed_dim
-    return encoder_blocks_flops(spec) - spec.encoder_depth * _linear(tokens, 4 * d, d)
+    return encoder_blocks_flops(spec, executed) - spec.encoder_depth * _linear(tokens, 4 * d, d)
 
 
-def encoder_forward_flops(spec: SamSpec) -> float:
+def encoder_forward_flops(spec: SamSpec, executed: bool = False) -> float:
     """Image-encoder forward FLOPs for one ``img_size``² image (patch embed, blocks, neck)."""
-    return patch_embed_flops(spec) + encoder_blocks_flops(spec) + neck_flops(spec)
+    return patch_embed_flops(spec) + encoder_blocks_flops(spec, executed) + neck_flops(spec)
 
 
 def prompt_encoder_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool) -> float:
@@ -164,16 +176,23 @@ def _cross_attention_flops(num_q: int, num_k: int, dim: int, internal: int) -> f
     return projections + _attention_core(num_q, num_k, internal) + _linear(num_q, internal, dim)
 
 
-def mask_decoder_flops(spec: SamSpec, num_prompt_tokens: int) -> float:
+def mask_decoder_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool = True,
+                       executed: bool = False) -> float:
     """Mask decoder for one mask: two-way transformer, final token→image attention,
     output upscaling (two k2s2 transposed convs to 4G×4G), the 4 hypernetwork MLPs, the
     mask product and the IoU head. All 4 mask tokens are computed whatever the
     multimask choice (``predict_masks``), so the count does not depend on it.
+    ``executed``: the first layer's three image projections (``C→C/2`` over G² tokens) run
+    per mask on the r mask features only (none without a mask prompt); their per-image
+    part is :func:`decoder_image_flops`.
     """
     c, grid = spec.prompt_embed_dim, spec.embedding_grid
     hw = grid * grid
     num_tokens = DECODER_OUTPUT_TOKENS + num_prompt_tokens
     transformer = spec.decoder_depth * _two_way_layer_flops(spec, num_tokens)
+    if executed and spec.decoder_depth > 0:
+        factored = _linear(hw, spec.mask_in_chans, c // 2) if with_mask_prompt else 0.0
+        transformer -= 3 * (_linear(hw, c, c // 2) - factored)
     transformer += _cross_attention_flops(num_tokens, hw, c, c // 2)
     upscaling = _linear(hw, c, 4 * (c // 4)) + _linear(4 * hw, c // 4, 4 * (c // 8))
     hyper = 4 * (2 * _linear(1, c, c) + _linear(1, c, c // 8))
@@ -183,7 +202,8 @@ def mask_decoder_flops(spec: SamSpec, num_prompt_tokens: int) -> float:
     return transformer + upscaling + hyper + masks + iou_head
 
 
-def decoder_forward_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool) -> float:
+def decoder_forward_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool,
+                          executed: bool = False) -> float:
     """Prompt encoder + mask decoder forward FLOPs for ONE mask in ONE round.
 
     Args:
@@ -191,9 +211,23 @@ def decoder_forward_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_promp
         num_prompt_tokens: sparse prompt tokens of the round (round 1: 2; +1 per
             correction point so far, see :func:`tokens_per_round`).
         with_mask_prompt: the round feeds back the previous logits (every round but the first).
+        executed: what our factored first layer runs per mask (module docstring); add
+            :func:`decoder_image_flops` once per image and round.
     """
     return (prompt_encoder_flops(spec, num_prompt_tokens, with_mask_prompt)
-            + mask_decoder_flops(spec, num_prompt_tokens))
+            + mask_decoder_flops(spec, num_prompt_tokens, with_mask_prompt, executed))
+
+
+def decoder_image_flops(spec: SamSpec, with_mask_prompt: bool) -> float:
+    """Per image and round, what the factored first layer runs once for all the image's
+    masks: the three ``C→C/2`` projections of the image tokens and, with a mask prompt,
+    the three ``W_P·W_c`` weight products (``C/2×C @ C×r``). Executed FLOPs only: the
+    official model pays the projections per mask (:func:`mask_decoder_flops`)."""
+    if spec.decoder_depth <= 0:
+        return 0.0
+    c, hw = spec.prompt_embed_dim, spec.embedding_grid**2
+    products = 3 * _linear(c // 2, c, spec.mask_in_chans) if with_mask_prompt else 0.0
+    return 3 * _linear(hw, c, c // 2) + products
 
 
 def dense_pe_flops(spec: SamSpec) -> float:
@@ -222,9 +256,9 @@ def sampled_token_plans(prompts: PromptConfig, num_samples: int = _NUM_PLAN_SAMP
     return [tokens_per_round(sample_round_plan(prompts, generator)) for _ in range(num_samples)]
 
 
-def _decoder_rounds_flops(spec: SamSpec, plans: Sequence[Sequence[int]]) -> float:
+def _decoder_rounds_flops(spec: SamSpec, plans: Sequence[Sequence[int]], executed: bool = False) -> float:
     """Mean over plans of one mask's prompt encoder + decoder forward, summed over rounds."""
-    total = sum(decoder_forward_flops(spec, tokens, with_mask_prompt=r > 0)
+    total = sum(decoder_forward_flops(spec, tokens, with_mask_prompt=r > 0, executed=executed)
                 for plan in plans for r, tokens in enumerate(plan))
     return total / len(plans)
 
@@ -292,6 +326,7 @@ def train_flops_per_image(
     masks_per_image: int,
     prompts: PromptConfig | Sequence[int],
     activation_checkpointing: bool | None = None,
+    executed: bool = False,
 ) -> FlopBudget:
     """Training FLOPs per image: the encoder once, prompt encoder + decoder per mask per round.
 
@@ -304,6 +339,8 @@ def train_flops_per_image(
             token count of each round of one plan (``RoundOutput.num_sparse_tokens``).
         activation_checkpointing: recompute encoder blocks and decoder rounds in backward;
             None takes ``spec.activation_checkpointing``.
+        executed: the FLOPs our step runs instead of the official model's (module
+            docstring); MFU counts the model's.
 
     Returns:
         The :class:`FlopBudget`. Not counted: ``get_dense_pe`` (``2·G²·C`` once per step,
@@ -316,9 +353,11 @@ def train_flops_per_image(
     plans = sampled_token_plans(prompts) if isinstance(prompts, PromptConfig) else [list(prompts)]
     if not plans[0]:
         raise ValueError("prompts: a plan needs at least one round")
-    enc_fwd = encoder_forward_flops(spec)
-    dec_fwd = masks_per_image * _decoder_rounds_flops(spec, plans)
-    enc_recompute = encoder_recompute_flops(spec) if recomputes else 0.0
+    enc_fwd = encoder_forward_flops(spec, executed)
+    dec_fwd = masks_per_image * _decoder_rounds_flops(spec, plans, executed)
+    if executed and masks_per_image:
+        dec_fwd += sum(decoder_image_flops(spec, r > 0) for plan in plans for r in range(len(plan))) / len(plans)
+    enc_recompute = encoder_recompute_flops(spec, executed) if recomputes else 0.0
     dec_recompute = dec_fwd if recomputes else 0.0  # each round's prompt encoder + decoder
     encoder = 3 * enc_fwd + enc_recompute
     decoder = 3 * dec_fwd + dec_recompute

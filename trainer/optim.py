@@ -77,6 +77,11 @@ class OptimConfig:
         no_decay_patterns: fnmatch patterns (on names without wrapper prefixes) of
             parameters without weight decay, in addition to all 1-D parameters. Paper
             silent; the defaults' sources are in ``NO_DECAY_SOURCES``.
+        fused: PyTorch's fused AdamW kernel (CPU and CUDA): the same update in one pass
+            per parameter group. PyTorch's default otherwise runs a per-parameter loop on
+            CPU (6× slower for ViT-B, ``benchmarks/bench_kernels.py``) and ``foreach`` on
+            CUDA. false: that default. A resumed run takes this setting, not the
+            checkpoint's.
     """
 
     lr: float = 8e-4
@@ -90,6 +95,7 @@ class OptimConfig:
     milestones: tuple[int, ...] = (60_000, 86_666)
     decay_gamma: float = 0.1
     no_decay_patterns: tuple[str, ...] = field(default=tuple(NO_DECAY_SOURCES))
+    fused: bool = True
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -245,8 +251,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, cfg)``; each group's lr already holds its scale."""
     return torch.optim.AdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.weight_decay, **implementation(model, cfg),
     )
+
+
+#: Devices PyTorch's fused AdamW runs on (others raise at construction).
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def implementation(model: nn.Module, cfg: OptimConfig) -> dict[str, bool | None]:
+    """AdamW's ``fused`` / ``foreach`` arguments for ``cfg.fused`` and where the model lives:
+    fused when asked for and every parameter is a float tensor on a supported device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = cfg.fused and bool(params) and all(
+        p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": None}
 
 
 def build_scheduler(

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, to_dict
-from trainer.optim import lr_factor, param_groups
+from trainer.optim import implementation, lr_factor, param_groups
 from trainer.presets import Config
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,10 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.
         raise ConfigError("optim: the parameter groups differ from the checkpoint's (was "
                           f"optim.no_decay_patterns changed?): {names} vs {[g['group_name'] for g in fresh]}")
     factor = lr_factor(step, cfg.optim)
+    kernel = implementation(model, cfg.optim)  # optim.fused as configured now, not as saved
     for group, new in zip(optimizer.param_groups, fresh, strict=True):
         group.update(initial_lr=new["lr"], lr_scale=new["lr_scale"], weight_decay=new["weight_decay"],
-                     betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                     betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **kernel)
         group["lr"] = new["lr"] * factor
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports

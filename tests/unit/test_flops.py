@@ -1,6 +1,10 @@
 """The analytic FLOP counts of ``trainer.flops`` against ``torch.utils.flop_counter`` on the
 real modules, against SAM_RECIPE.md §7, and the peak table / MFU helpers.
 
+Two counts: the model's (what the official ``segment_anything`` modules compute; MFU
+uses it) is checked on the official modules, the executed one (what our modules run,
+``executed=True``: padding rows skipped, factored first decoder layer) on ours.
+
 Counting runs under the math SDPA backend: on CPU the default fused kernel
 (``_scaled_dot_product_flash_attention_for_cpu``) is missing from the counter's table
 (its attention would count 0), and the math path's ``bmm`` are exactly the model FLOPs
@@ -37,6 +41,38 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def _official_modeling() -> Any:
+    from trainer.model.reference import import_official_sam
+
+    return import_official_sam().modeling
+
+
+def official_encoder(spec: Any, device: str) -> torch.nn.Module:
+    """The official ``ImageEncoderViT`` with ``spec``'s sizes on ``device`` (random weights)."""
+    from functools import partial
+
+    with torch.device(device):
+        return _official_modeling().ImageEncoderViT(
+            img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.encoder_embed_dim,
+            depth=spec.encoder_depth, num_heads=spec.encoder_num_heads, out_chans=spec.prompt_embed_dim,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+            window_size=spec.window_size, global_attn_indexes=spec.encoder_global_attn_indexes)
+
+
+def official_prompt_and_decoder(spec: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The official ``PromptEncoder`` and ``MaskDecoder`` with ``spec``'s sizes, on CPU (the
+    official point embedding's boolean indexing has no meta kernel)."""
+    modeling = _official_modeling()
+    grid, c = spec.embedding_grid, spec.prompt_embed_dim
+    prompt = modeling.PromptEncoder(embed_dim=c, image_embedding_size=(grid, grid),
+                                    input_image_size=(spec.img_size, spec.img_size), mask_in_chans=spec.mask_in_chans)
+    decoder = modeling.MaskDecoder(
+        transformer_dim=c, iou_head_hidden_dim=spec.iou_head_hidden_dim,
+        transformer=modeling.TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=c,
+                                               mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads))
+    return prompt, decoder
+
+
 def build(variant: str, device: str, **overrides: Any) -> torch.nn.Module:
     """The real model; on meta, ``.to`` also moves the prompt encoder's CPU-drawn PE buffer."""
     torch.manual_seed(0)
@@ -52,11 +88,17 @@ def build(variant: str, device: str, **overrides: Any) -> torch.nn.Module:
     ("vit_b", "meta", {}),                # 1024², 64→70 padded windows
 ])
 def test_encoder_forward_matches_counter(variant: str, device: str, overrides: dict[str, int]) -> None:
+    """The model count on the official encoder, the executed count on ours; both are
+    equal when no window pads the grid, and ours is smaller when one does."""
     sam = build(variant, device, **overrides)
     spec = spec_for(variant, **overrides)
     image = torch.zeros(1, 3, spec.img_size, spec.img_size, device=device)
     counted = count_flops(lambda: sam.image_encoder(image))
-    assert flops.encoder_forward_flops(spec) == pytest.approx(counted, rel=FORWARD_REL)
+    official = count_flops(lambda: official_encoder(spec, device)(image))
+    assert flops.encoder_forward_flops(spec, executed=True) == pytest.approx(counted, rel=FORWARD_REL)
+    assert flops.encoder_forward_flops(spec) == pytest.approx(official, rel=FORWARD_REL)
+    pads = spec.window_size > 0 and spec.embedding_grid % spec.window_size
+    assert (counted < 0.99 * official) if pads else counted == pytest.approx(official, rel=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "vit_b"])
@@ -72,12 +114,29 @@ def test_decoder_forward_matches_counter(variant: str, num_tokens: int, with_mas
     labels = torch.ones(n, num_tokens, dtype=torch.long, device=device)
     mask_input = torch.randn(n, 1, 4 * grid, 4 * grid, device=device) if with_mask else None
 
-    def one_round() -> None:
-        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input, pad_points=False)
+    def our_round() -> None:
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input, pad_points=False,
+                                           factored=True)
         sam.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=num_tokens == 2)
 
-    per_mask = count_flops(one_round) / n
-    assert flops.decoder_forward_flops(spec, num_tokens, with_mask) == pytest.approx(per_mask, rel=FORWARD_REL)
+    prompt, decoder = official_prompt_and_decoder(spec)
+    cpu = {"embedding": torch.randn(1, spec.prompt_embed_dim, grid, grid),
+           "mask": None if mask_input is None else torch.randn(n, 1, 4 * grid, 4 * grid),
+           # The official encoder appends the padding point itself (boxes=None): one token less.
+           "coords": torch.rand(n, num_tokens - 1, 2) * spec.img_size,
+           "labels": torch.ones(n, num_tokens - 1, dtype=torch.long)}
+
+    def official_round() -> None:
+        sparse, dense = prompt(points=(cpu["coords"], cpu["labels"]), boxes=None, masks=cpu["mask"])
+        decoder(cpu["embedding"], prompt.get_dense_pe(), sparse, dense, multimask_output=num_tokens == 2)
+
+    per_mask_model = count_flops(official_round) / n
+    executed = count_flops(our_round)
+    assert flops.decoder_forward_flops(spec, num_tokens, with_mask) == pytest.approx(per_mask_model, rel=FORWARD_REL)
+    expected = n * flops.decoder_forward_flops(spec, num_tokens, with_mask, executed=True)
+    expected += flops.decoder_image_flops(spec, with_mask)
+    assert expected == pytest.approx(executed, rel=FORWARD_REL)
+    assert executed < n * per_mask_model
 
 
 def _train_step(sam: torch.nn.Module, num_masks: int, checkpoint_rounds: bool) -> tuple[int, int, list[int]]:
@@ -118,7 +177,8 @@ def test_train_step_matches_counter(checkpointing: bool) -> None:
     spec = spec_for("tiny", activation_checkpointing=checkpointing)
     forward, total, tokens = _train_step(sam, num_masks, checkpoint_rounds=checkpointing)
     assert len(tokens) == 11 and tokens[0] == 2 and tokens[-1] == 10  # 1 + 8 + 2 rounds, 8 points
-    budget = flops.train_flops_per_image(spec, num_masks, tokens, activation_checkpointing=checkpointing)
+    budget = flops.train_flops_per_image(spec, num_masks, tokens, activation_checkpointing=checkpointing,
+                                         executed=True)
 
     # The dense PE is computed once per step, outside the per-mask rounds.
     assert budget.encoder_forward + budget.decoder_forward + flops.dense_pe_flops(spec) == pytest.approx(

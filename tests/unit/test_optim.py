@@ -215,3 +215,56 @@ def test_no_decay_exclusions_name_their_source() -> None:
             assert not uses_weight_decay(name, param.ndim, cfg), name
         elif not uses_weight_decay(name, param.ndim, cfg):
             assert name.endswith(".bias") or any(fnmatch.fnmatchcase(name, k) for k in ours), name
+
+
+def _tiny_model_with_grads(seed: int) -> nn.Module:
+    from trainer.model.build import build_sam
+
+    torch.manual_seed(seed)
+    return build_sam("tiny")
+
+
+def test_fused_adamw_is_the_default_and_the_same_update() -> None:
+    """``optim.fused`` (default) builds PyTorch's fused AdamW on CPU; three steps with it
+    and with PyTorch's default per-parameter loop give the same weights to fp32 rounding,
+    every group's lr scale and weight decay included."""
+    models, optimizers = [], []
+    for fused in (True, False):
+        model = _tiny_model_with_grads(0)
+        opt = build_optimizer(model, OptimConfig(lr=1e-3, fused=fused))
+        assert all(g["fused"] is (True if fused else None) for g in opt.param_groups)
+        models.append(model)
+        optimizers.append(opt)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, opt in zip(models, optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    moved = 0.0
+    for (name, a), b, start in zip(models[0].named_parameters(), models[1].parameters(),
+                                   _tiny_model_with_grads(0).parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        moved = max(moved, float((a - start).detach().abs().max()))
+    assert moved > 1e-3  # the steps did update the weights
+
+
+def test_resume_takes_the_configured_adamw_implementation() -> None:
+    """A checkpoint's saved groups say which kernel ran; ``apply_optim_config`` puts the
+    current ``optim.fused`` in place (both directions)."""
+    from trainer.presets import tiny_cpu
+    from trainer.resume import apply_optim_config
+
+    model = _tiny_model_with_grads(0)
+    for saved, now in ((False, True), (True, False)):
+        cfg = tiny_cpu()
+        cfg.optim.fused = saved
+        opt = build_optimizer(model, cfg.optim)
+        state = opt.state_dict()
+        cfg.optim.fused = now
+        resumed = build_optimizer(model, cfg.optim)
+        resumed.load_state_dict(state)
+        assert all(g["fused"] is (True if saved else None) for g in resumed.param_groups)  # as saved
+        apply_optim_config(resumed, build_scheduler(resumed, cfg.optim), model, cfg, step=0)
+        assert all(g["fused"] is (True if now else None) for g in resumed.param_groups)

@@ -70,7 +70,7 @@ def test_config_keys_are_frozen() -> None:
         "model.activation_checkpointing", "model.decoder_dropout", "model.drop_path_rate",
         "model.encoder_init", "model.init_checkpoint", "model.mae_checkpoint", "model.pe_seed", "model.variant",
         "optim.betas", "optim.decay_gamma", "optim.eps", "optim.layer_decay", "optim.lr", "optim.max_iters",
-        "optim.milestones", "optim.no_decay_patterns", "optim.warmup_iters", "optim.warmup_start_factor",
+        "optim.fused", "optim.milestones", "optim.no_decay_patterns", "optim.warmup_iters", "optim.warmup_start_factor",
         "optim.weight_decay",
         "prompts.box_multimask", "prompts.box_noise_frac", "prompts.box_noise_max_px", "prompts.empty_error_policy",
         "prompts.num_correction_points", "prompts.num_no_point_rounds", "prompts.prob_box",
