@@ -21,6 +21,8 @@ Every row times the baseline and ours alternately in this process on the same in
   256 px and 1024 px;
 - ``encoder windowed attention``: a ViT-B windowed block's attention, pad then project
   (official) vs ``Attention.forward_windowed`` (project the real tokens only);
+- ``AdamW step``: one optimizer step over ViT-B's parameters, PyTorch's CPU default vs
+  ``optim.fused``;
 - ``allocator``: one tiny decoder round (64 masks, forward + backward) in a fresh
   process with glibc's defaults vs with ``trainer.allocator.retain_freed_memory`` (a
   process-wide setting, so each side runs in its own subprocess).
@@ -210,6 +212,26 @@ def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
     return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
 
 
+def bench_adamw(runs: int) -> dict[str, float]:
+    """One AdamW step over ViT-B's parameters with our groups: PyTorch's default on CPU
+    (a per-parameter loop) vs ``optim.fused`` (the fused kernel)."""
+    from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
+    from trainer.optim import OptimConfig, build_optimizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    models = [build_from_spec(spec_for("vit_b", img_size=256)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(m, OptimConfig(fused=fused)) for m, fused in zip(models, (False, True))]
+    for model in models:
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    base_s, ours_s = timed_pair(opts[0].step, opts[1].step, runs)
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
 def decoder_round_seconds(rounds: int) -> float:
     """Median seconds of one tiny decoder round (64 masks, 6 prompt tokens, fwd + bwd)."""
     from trainer.interactive import _decode_round  # noqa: PLC0415
@@ -273,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             bench_windowed_attention(args.runs, 16),
         "encoder windowed attention, vit_b at 1024 px: 64x64 in 70x70 windows, fwd+bwd (pad, then qkv)":
             bench_windowed_attention(max(args.runs // 2, 1), 64),
+        "AdamW step, vit_b parameters (PyTorch's CPU default: per-parameter loop)": bench_adamw(args.runs),
         "allocator: tiny decoder round, 64 masks, fwd+bwd (glibc defaults)": bench_allocator(args.runs),
     }
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")
