@@ -20,8 +20,8 @@ modules in ``trainer.model`` for any :class:`~trainer.model.build.SamSpec`:
 - Model vs executed FLOPs. The counts above are the official model's (SAM_RECIPE.md
   §7; MFU counts them, the paper's convention). Our step executes fewer, the same math
   reassociated (``executed=True``): windowed blocks skip the padding rows
-  (``Attention.forward_windowed``: qkv, proj and queries for the real G² tokens only,
-  keys still over the padded windows), and the decoder's first two-way layer projects
+  (``Attention.forward_windowed``: qkv and proj for the real G² tokens only, and the
+  queries too where that pays off, keys still over the padded windows), and the decoder's first two-way layer projects
   each image once and each mask through the r = ``mask_in_chans`` mask features
   (``trainer/model/factored.py``, per-image part :func:`decoder_image_flops`). The
   tests check both against the counter: the model count on the official
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trainer.model.attention import REAL_QUERY_BANDS_MIN_MACS
 from trainer.model.build import ModelConfig, SamSpec, spec_for
 from trainer.prompts import PromptConfig, sample_round_plan
 
@@ -97,8 +98,9 @@ def encoder_block_flops(spec: SamSpec, global_attention: bool, executed: bool = 
     the two rel-pos einsums (``bhwc,hkc->bhwk``, each ``2·N·G·D``). Windowed: the grid is
     zero-padded to ``Gp`` (a multiple of the window ``w``) for qkv, proj and attention
     (``(Gp/w)²`` windows of w² tokens, padding attended without a mask), the MLP runs on
-    the cropped G² tokens. ``executed``: qkv, proj and the queries on the G² real tokens
-    only (each still attending to its window's w² keys).
+    the cropped G² tokens. ``executed``: qkv and proj on the G² real tokens only, and the
+    queries too above ``REAL_QUERY_BANDS_MIN_MACS`` (each still attending to its window's
+    w² keys).
     """
     d, grid = spec.encoder_embed_dim, spec.embedding_grid
     tokens = grid * grid
@@ -107,10 +109,13 @@ def encoder_block_flops(spec: SamSpec, global_attention: bool, executed: bool = 
         side, window = grid, grid
     else:
         side, window = _padded_side(grid, spec.window_size), spec.window_size
-    if executed:
-        side = grid
     attn_tokens = side * side  # every window holds window² tokens; there are (side/window)² of them
     projections = _linear(attn_tokens, d, 3 * d) + _linear(attn_tokens, d, d)
+    if executed:
+        projections = _linear(tokens, d, 3 * d) + _linear(tokens, d, d)
+        # The queries too, where the band calls pay off (the rule of Attention.forward_windowed).
+        if (attn_tokens - tokens) * window * window * d >= REAL_QUERY_BANDS_MIN_MACS:
+            attn_tokens = tokens
     core = _attention_core(attn_tokens, window * window, d)  # each query sees its window
     rel_pos = 2 * (2.0 * attn_tokens * window * d)
     return projections + core + rel_pos + mlp

@@ -16,6 +16,7 @@ from trainer.model.image_encoder import Block, window_partition, window_unpartit
 def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDPA path equals the explicit softmax((q·s)kᵀ + B)v formulation, forward and backward."""
     monkeypatch.setattr(attention, "SDPA_ON_CPU", True)  # CPU runs the explicit path by default
+    monkeypatch.setattr(attention, "REAL_QUERY_BANDS_MIN_MACS", 0)  # the bands at this small size too
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
@@ -47,11 +48,15 @@ def test_sdpa_block_matches_reference_outputs_and_grads(window_size: int, monkey
     assert g1["attn.rel_pos_h"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bands", [True, False], ids=["query-bands", "padded-queries"])
 @pytest.mark.parametrize("hw,window,qkv_bias", [((16, 16), 6, True), ((10, 13), 4, True), ((12, 12), 6, True),
                                                 ((9, 9), 7, False)], ids=["pad", "pad-hw", "no-pad", "no-bias"])
-def test_windowed_attention_skips_padding_rows_same_math(hw: tuple[int, int], window: int, qkv_bias: bool) -> None:
-    """``forward_windowed`` (qkv of the real tokens, bias added after padding) equals the
+def test_windowed_attention_skips_padding_rows_same_math(hw: tuple[int, int], window: int, qkv_bias: bool,
+                                                         bands: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``forward_windowed`` (qkv of the real tokens, bias added after padding; queries of the
+    real tokens only in bands of windows, or padded in one call for small grids) equals the
     official order, pad -> qkv -> attention -> proj -> crop: outputs and every gradient."""
+    monkeypatch.setattr(attention, "REAL_QUERY_BANDS_MIN_MACS", 0 if bands else 2**62)
     torch.manual_seed(0)
     attn = Attention(24, num_heads=2, qkv_bias=qkv_bias, use_rel_pos=True, input_size=(window, window)).double()
     with torch.no_grad():
