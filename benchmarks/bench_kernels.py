@@ -19,6 +19,8 @@ Every row times the baseline and ours alternately in this process on the same in
 - ``decoder round, factored first layer``: one decoder round with a mask input (16 masks)
   on ``image + dense`` vs the factored first layer of ``trainer/model/factored.py``, at
   256 px and 1024 px;
+- ``decoder upscaling + mask product``: the official product layout vs the channels-last
+  one of ``MaskDecoder._hyper_product``;
 - ``encoder windowed attention``: a ViT-B windowed block's attention, pad then project
   (official) vs ``Attention.forward_windowed`` (project the real tokens only);
 - ``AdamW step``: one optimizer step over ViT-B's parameters, PyTorch's CPU default vs
@@ -158,7 +160,8 @@ def bench_layer_norm(runs: int) -> dict[str, float]:
         out.square().mean().backward()
         return out
 
-    diff = float((ref() - ours()).abs().max())
+    with torch.no_grad():
+        diff = float((ref() - ours()).abs().max())
     base_s, ours_s = timed_pair(ref, ours, runs)
     return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
 
@@ -184,6 +187,33 @@ def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
 
     diff = float((round_(False) - round_(True)).abs().max())
     base_s, ours_s = timed_pair(lambda: round_(False), lambda: round_(True), runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
+def bench_hyper_product(runs: int, grid: int, masks: int) -> dict[str, float]:
+    """The decoder's output upscaling + mask product, forward + backward: the official
+    ``hyper_in @ upscaled.view(b, c, h*w)`` vs ``MaskDecoder._hyper_product`` (the same
+    product in the upscaling's channels-last layout, so ``gelu_backward`` sees one layout)."""
+    from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
+    from trainer.model.mask_decoder import MaskDecoder  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    decoder = build_from_spec(spec_for("vit_b", img_size=16 * grid)).mask_decoder
+    src = torch.randn(masks, grid * grid, 256, requires_grad=True)  # token-major, as the transformer returns
+    hyper = torch.randn(masks, 4, 32, requires_grad=True)
+
+    def run(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(masks, 256, grid, grid))
+        out = product(hyper, upscaled)
+        out.square().mean().backward()
+        return out.detach()
+
+    def official(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = up.shape
+        return (h @ up.view(b, c, hh * ww)).view(b, -1, hh, ww)
+
+    diff = float((run(official) - run(MaskDecoder._hyper_product)).abs().max())
+    base_s, ours_s = timed_pair(lambda: run(official), lambda: run(MaskDecoder._hyper_product), runs)
     return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
 
 
@@ -291,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             bench_factored_round(args.runs, 16, 16),
         "decoder round, factored first layer, 1024 px: 16 masks x 4096 tokens, fwd+bwd (image + dense)":
             bench_factored_round(max(args.runs // 2, 1), 64, 16),
+        "decoder upscaling + mask product, 16 masks at 256 px, fwd+bwd (official layout)":
+            bench_hyper_product(args.runs, 16, 16),
         "encoder windowed attention, vit_b at 256 px: 16x16 in 28x28 windows, fwd+bwd (pad, then qkv)":
             bench_windowed_attention(args.runs, 16),
         "encoder windowed attention, vit_b at 1024 px: 64x64 in 70x70 windows, fwd+bwd (pad, then qkv)":
