@@ -318,3 +318,20 @@ def test_factored_first_layer_under_bf16_autocast_and_rejects_a_bad_index() -> N
     assert float((fact.float() - plain.float()).abs().max()) <= 0.05 * float(plain.float().abs().max())
     with pytest.raises(ValueError, match="image_index has shape"):
         _decode(sam, emb, idx[:3], coords, labels, mask, True)
+
+
+def test_low_rank_dense_is_the_prompt_encoders_dense_embedding() -> None:
+    """``LowRankDense.to_dense()`` rebuilds exactly what the official path returns (the same
+    1×1 conv on the same features; the broadcast no-mask embedding)."""
+    from trainer.model.build import build_from_spec, spec_for
+
+    torch.manual_seed(5)
+    spec = spec_for("tiny")
+    prompt = build_from_spec(spec).prompt_encoder
+    g = spec.embedding_grid
+    coords, labels = torch.rand(3, 2, 2) * spec.img_size, torch.ones(3, 2, dtype=torch.long)
+    for mask in (torch.randn(3, 1, 4 * g, 4 * g), None):
+        _, plain = prompt((coords, labels), None, mask, pad_points=False)
+        _, factored = prompt((coords, labels), None, mask, pad_points=False, factored=True)
+        assert factored.num_prompts == 3 and factored.size == (g, g)
+        torch.testing.assert_close(factored.to_dense(), plain, rtol=0, atol=0)
