@@ -28,7 +28,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +43,7 @@ from trainer.data import Batch  # noqa: E402
 from trainer.loss import LossConfig, reference_sam_loss  # noqa: E402
 from trainer.model.build import SamSpec  # noqa: E402
 from trainer.model.checkpoint_io import clean_state_dict  # noqa: E402
-from trainer.model.reference import import_official_sam  # noqa: E402
+from trainer.model.reference import build_official_sam  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer  # noqa: E402
 from trainer.prompts import (  # noqa: E402
     LABEL_BOX_TOP_LEFT,
@@ -77,26 +76,7 @@ class _Checkpointed(nn.Module):
 
 def build_official(spec: SamSpec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The official ``Sam`` with ``spec``'s sizes, loaded strictly with ``state_dict``."""
-    modeling = import_official_sam().modeling
-    grid = spec.embedding_grid
-    encoder = modeling.ImageEncoderViT(
-        img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.encoder_embed_dim,
-        depth=spec.encoder_depth, num_heads=spec.encoder_num_heads, mlp_ratio=4.0,
-        out_chans=spec.prompt_embed_dim, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, rel_pos_zero_init=True, window_size=spec.window_size,
-        global_attn_indexes=spec.encoder_global_attn_indexes,
-    )
-    prompt_encoder = modeling.PromptEncoder(
-        embed_dim=spec.prompt_embed_dim, image_embedding_size=(grid, grid),
-        input_image_size=(spec.img_size, spec.img_size), mask_in_chans=spec.mask_in_chans,
-    )
-    decoder = modeling.MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=modeling.TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=spec.prompt_embed_dim,
-                                               mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads),
-        transformer_dim=spec.prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=spec.iou_head_hidden_dim,
-    )
-    sam = modeling.Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder)
+    sam = build_official_sam(spec)
     sam.load_state_dict(clean_state_dict(state_dict), strict=True)
     return sam
 

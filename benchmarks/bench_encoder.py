@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,20 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.model import build_sam, spec_for  # noqa: E402
-from trainer.model.reference import import_official_sam  # noqa: E402
+from trainer.model.reference import build_official_sam  # noqa: E402
 
 
 def official_encoder(variant: str, img_size: int) -> torch.nn.Module:
-    import_official_sam()
-    from segment_anything.modeling import ImageEncoderViT
-
-    spec = spec_for(variant, img_size=img_size)
-    return ImageEncoderViT(
-        img_size=img_size, patch_size=spec.patch_size, embed_dim=spec.encoder_embed_dim, depth=spec.encoder_depth,
-        num_heads=spec.encoder_num_heads, mlp_ratio=4, out_chans=spec.prompt_embed_dim, qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-        global_attn_indexes=spec.encoder_global_attn_indexes, window_size=spec.window_size,
-    )
+    """The official ``ImageEncoderViT`` with the variant's sizes at ``img_size``."""
+    return build_official_sam(spec_for(variant, img_size=img_size)).image_encoder
 
 
 def step(encoder: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:

@@ -66,6 +66,14 @@ def timed_pair(baseline: Callable[[], Any], ours: Callable[[], Any], runs: int) 
     return statistics.median(base_t), statistics.median(ours_t)
 
 
+def compared(baseline: Callable[[], torch.Tensor], ours: Callable[[], torch.Tensor], runs: int) -> dict[str, float]:
+    """The largest absolute difference of one call of each side, then both timed
+    (:func:`timed_pair`); a side may run its backward inside and return its output."""
+    diff = float((baseline().detach() - ours().detach()).abs().max())
+    base_s, ours_s = timed_pair(baseline, ours, runs)
+    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+
+
 def loss_case(masks: int = 64, rounds: int = 11, low: int = 64, size: int = 256, seed: int = 0):
     """Random rounds (round 1 with 3 outputs), blob GT masks, padded image sizes."""
     gen = torch.Generator().manual_seed(seed)
@@ -118,9 +126,7 @@ def bench_adjoint(runs: int) -> dict[str, float]:
     def native() -> torch.Tensor:
         return torch.ops.aten.upsample_bilinear2d_backward(grad, [256, 256], [64, 1, 64, 64], False, None, None)
 
-    diff = float((native() - upsample_adjoint(grad, (64, 64))).abs().max())
-    base_s, ours_s = timed_pair(native, lambda: upsample_adjoint(grad, (64, 64)), runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(native, lambda: upsample_adjoint(grad, (64, 64)), runs)
 
 
 def bench_attention(runs: int, masks: int, tokens: int, keys: int, dim: int, heads: int) -> dict[str, float]:
@@ -140,9 +146,7 @@ def bench_attention(runs: int, masks: int, tokens: int, keys: int, dim: int, hea
         out.sum().backward()
         return out
 
-    diff = float((sdpa() - ours()).detach().abs().max())
-    base_s, ours_s = timed_pair(sdpa, ours, runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(sdpa, ours, runs)
 
 
 def bench_layer_norm(runs: int) -> dict[str, float]:
@@ -160,10 +164,7 @@ def bench_layer_norm(runs: int) -> dict[str, float]:
         out.square().mean().backward()
         return out
 
-    with torch.no_grad():
-        diff = float((ref() - ours()).abs().max())
-    base_s, ours_s = timed_pair(ref, ours, runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(ref, ours, runs)
 
 
 def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
@@ -183,11 +184,9 @@ def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
         sparse, dense = prompt((coords, labels), None, mask, pad_points=False, factored=factored)
         low, iou = decoder(emb, prompt.get_dense_pe(), sparse, dense, True)
         (low.square().mean() + iou.sum()).backward()
-        return low.detach()
+        return low
 
-    diff = float((round_(False) - round_(True)).abs().max())
-    base_s, ours_s = timed_pair(lambda: round_(False), lambda: round_(True), runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(lambda: round_(False), lambda: round_(True), runs)
 
 
 def bench_hyper_product(runs: int, grid: int, masks: int) -> dict[str, float]:
@@ -206,15 +205,13 @@ def bench_hyper_product(runs: int, grid: int, masks: int) -> dict[str, float]:
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(masks, 256, grid, grid))
         out = product(hyper, upscaled)
         out.square().mean().backward()
-        return out.detach()
+        return out
 
     def official(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = up.shape
         return (h @ up.view(b, c, hh * ww)).view(b, -1, hh, ww)
 
-    diff = float((run(official) - run(MaskDecoder._hyper_product)).abs().max())
-    base_s, ours_s = timed_pair(lambda: run(official), lambda: run(MaskDecoder._hyper_product), runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(lambda: run(official), lambda: run(MaskDecoder._hyper_product), runs)
 
 
 def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
@@ -230,16 +227,14 @@ def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
         windows, pad_hw = window_partition(x, 14)
         out = window_unpartition(attn(windows), 14, pad_hw, (grid, grid))
         out.square().mean().backward()
-        return out.detach()
+        return out
 
     def ours() -> torch.Tensor:
         out = attn.forward_windowed(x, 14)
         out.square().mean().backward()
-        return out.detach()
+        return out
 
-    diff = float((official() - ours()).abs().max())
-    base_s, ours_s = timed_pair(official, ours, runs)
-    return {"baseline_s": base_s, "ours_s": ours_s, "max_abs_diff": diff}
+    return compared(official, ours, runs)
 
 
 def bench_adamw(runs: int) -> dict[str, float]:

@@ -21,8 +21,9 @@ modules in ``trainer.model`` for any :class:`~trainer.model.build.SamSpec`:
   §7; MFU counts them, the paper's convention). Our step executes fewer, the same math
   reassociated (``executed=True``): windowed blocks skip the padding rows
   (``Attention.forward_windowed``: qkv and proj for the real G² tokens only, and the
-  queries too where that pays off, keys still over the padded windows), and the decoder's first two-way layer projects
-  each image once and each mask through the r = ``mask_in_chans`` mask features
+  queries too where that pays off, keys still over the padded windows), and the
+  decoder's first two-way layer projects each image once and each mask through the
+  r = ``mask_in_chans`` mask features
   (``trainer/model/factored.py``, per-image part :func:`decoder_image_flops`). The
   tests check both against the counter: the model count on the official
   ``segment_anything`` modules, the executed count on ours.
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.model.attention import REAL_QUERY_BANDS_MIN_MACS
+from trainer.model.attention import skips_padding_queries
 from trainer.model.build import ModelConfig, SamSpec, spec_for
 from trainer.prompts import PromptConfig, sample_round_plan
 
@@ -99,8 +100,8 @@ def encoder_block_flops(spec: SamSpec, global_attention: bool, executed: bool = 
     zero-padded to ``Gp`` (a multiple of the window ``w``) for qkv, proj and attention
     (``(Gp/w)²`` windows of w² tokens, padding attended without a mask), the MLP runs on
     the cropped G² tokens. ``executed``: qkv and proj on the G² real tokens only, and the
-    queries too above ``REAL_QUERY_BANDS_MIN_MACS`` (each still attending to its window's
-    w² keys).
+    queries too where ``skips_padding_queries`` (each still attending to its window's w²
+    keys).
     """
     d, grid = spec.encoder_embed_dim, spec.embedding_grid
     tokens = grid * grid
@@ -110,12 +111,10 @@ def encoder_block_flops(spec: SamSpec, global_attention: bool, executed: bool = 
     else:
         side, window = _padded_side(grid, spec.window_size), spec.window_size
     attn_tokens = side * side  # every window holds window² tokens; there are (side/window)² of them
-    projections = _linear(attn_tokens, d, 3 * d) + _linear(attn_tokens, d, d)
-    if executed:
-        projections = _linear(tokens, d, 3 * d) + _linear(tokens, d, d)
-        # The queries too, where the band calls pay off (the rule of Attention.forward_windowed).
-        if (attn_tokens - tokens) * window * window * d >= REAL_QUERY_BANDS_MIN_MACS:
-            attn_tokens = tokens
+    projected = tokens if executed else attn_tokens
+    projections = _linear(projected, d, 3 * d) + _linear(projected, d, d)
+    if executed and side != grid and skips_padding_queries(grid, grid, window, d):
+        attn_tokens = tokens  # the queries of the real tokens only
     core = _attention_core(attn_tokens, window * window, d)  # each query sees its window
     rel_pos = 2 * (2.0 * attn_tokens * window * d)
     return projections + core + rel_pos + mlp

@@ -212,3 +212,23 @@ def test_guarded_turns_a_failure_into_an_error_entry() -> None:
     assert report.guarded("ok", lambda: 3)["value"] == 3
     failed = report.guarded("bad", lambda: 1 / 0)
     assert failed["ok"] is False and failed["error"].startswith("ZeroDivisionError")
+
+
+@pytest.mark.parametrize("row", ["adjoint", "attention", "layer_norm", "hyper_product", "windowed_attention",
+                                 "factored_round"])
+def test_kernel_rows_run_and_agree(row: str) -> None:
+    """Each ``bench_kernels`` row at its smallest size: it runs (a row that raises would
+    break ``make bench``), times both sides and finds them equal to fp32 rounding."""
+    import bench_kernels  # noqa: PLC0415
+
+    calls = {
+        "adjoint": lambda: bench_kernels.bench_adjoint(1),
+        "attention": lambda: bench_kernels.bench_attention(1, 4, 64, 9, 32, 4),
+        "layer_norm": lambda: bench_kernels.bench_layer_norm(1),
+        "hyper_product": lambda: bench_kernels.bench_hyper_product(1, 8, 2),
+        "windowed_attention": lambda: bench_kernels.bench_windowed_attention(1, 16),
+        "factored_round": lambda: bench_kernels.bench_factored_round(1, 8, 2),
+    }
+    result = calls[row]()
+    assert result["baseline_s"] > 0 and result["ours_s"] > 0
+    assert result["max_abs_diff"] < 1e-4

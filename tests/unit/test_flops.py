@@ -14,6 +14,7 @@ The ViT-B encoder runs on the meta device: shapes only, no compute.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from trainer import flops
 from trainer.interactive import simulate_interaction
 from trainer.loss import LossConfig, sam_loss
 from trainer.model.build import build_sam, spec_for
+from trainer.model.reference import build_official_sam
 from trainer.presets import tiny_cpu
 from trainer.prompts import PromptConfig
 
@@ -41,36 +43,13 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def _official_modeling() -> Any:
-    from trainer.model.reference import import_official_sam
-
-    return import_official_sam().modeling
-
-
-def official_encoder(spec: Any, device: str) -> torch.nn.Module:
-    """The official ``ImageEncoderViT`` with ``spec``'s sizes on ``device`` (random weights)."""
-    from functools import partial
-
+@functools.cache
+def official_sam(variant: str, device: str, **overrides: Any) -> torch.nn.Module:
+    """The official ``Sam`` with the variant's sizes on ``device`` (random weights), once per
+    configuration. The official point embedding's boolean indexing has no meta kernel, so
+    decoder counts run on CPU."""
     with torch.device(device):
-        return _official_modeling().ImageEncoderViT(
-            img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.encoder_embed_dim,
-            depth=spec.encoder_depth, num_heads=spec.encoder_num_heads, out_chans=spec.prompt_embed_dim,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-            window_size=spec.window_size, global_attn_indexes=spec.encoder_global_attn_indexes)
-
-
-def official_prompt_and_decoder(spec: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The official ``PromptEncoder`` and ``MaskDecoder`` with ``spec``'s sizes, on CPU (the
-    official point embedding's boolean indexing has no meta kernel)."""
-    modeling = _official_modeling()
-    grid, c = spec.embedding_grid, spec.prompt_embed_dim
-    prompt = modeling.PromptEncoder(embed_dim=c, image_embedding_size=(grid, grid),
-                                    input_image_size=(spec.img_size, spec.img_size), mask_in_chans=spec.mask_in_chans)
-    decoder = modeling.MaskDecoder(
-        transformer_dim=c, iou_head_hidden_dim=spec.iou_head_hidden_dim,
-        transformer=modeling.TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=c,
-                                               mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads))
-    return prompt, decoder
+        return build_official_sam(spec_for(variant, **overrides))
 
 
 def build(variant: str, device: str, **overrides: Any) -> torch.nn.Module:
@@ -94,7 +73,7 @@ def test_encoder_forward_matches_counter(variant: str, device: str, overrides: d
     spec = spec_for(variant, **overrides)
     image = torch.zeros(1, 3, spec.img_size, spec.img_size, device=device)
     counted = count_flops(lambda: sam.image_encoder(image))
-    official = count_flops(lambda: official_encoder(spec, device)(image))
+    official = count_flops(lambda: official_sam(variant, device, **overrides).image_encoder(image))
     assert flops.encoder_forward_flops(spec, executed=True) == pytest.approx(counted, rel=FORWARD_REL)
     assert flops.encoder_forward_flops(spec) == pytest.approx(official, rel=FORWARD_REL)
     pads = spec.window_size > 0 and spec.embedding_grid % spec.window_size
@@ -119,7 +98,8 @@ def test_decoder_forward_matches_counter(variant: str, num_tokens: int, with_mas
                                            factored=True)
         sam.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=num_tokens == 2)
 
-    prompt, decoder = official_prompt_and_decoder(spec)
+    official = official_sam(variant, "cpu")
+    prompt, decoder = official.prompt_encoder, official.mask_decoder
     cpu = {"embedding": torch.randn(1, spec.prompt_embed_dim, grid, grid),
            "mask": None if mask_input is None else torch.randn(n, 1, 4 * grid, 4 * grid),
            # The official encoder appends the padding point itself (boxes=None): one token less.

@@ -217,7 +217,7 @@ def test_no_decay_exclusions_name_their_source() -> None:
             assert name.endswith(".bias") or any(fnmatch.fnmatchcase(name, k) for k in ours), name
 
 
-def _tiny_model_with_grads(seed: int) -> nn.Module:
+def _tiny_sam(seed: int) -> nn.Module:
     from trainer.model.build import build_sam
 
     torch.manual_seed(seed)
@@ -230,7 +230,7 @@ def test_fused_adamw_is_the_default_and_the_same_update() -> None:
     every group's lr scale and weight decay included."""
     models, optimizers = [], []
     for fused in (True, False):
-        model = _tiny_model_with_grads(0)
+        model = _tiny_sam(0)
         opt = build_optimizer(model, OptimConfig(lr=1e-3, fused=fused))
         assert all(g["fused"] is (True if fused else None) for g in opt.param_groups)
         models.append(model)
@@ -244,7 +244,7 @@ def test_fused_adamw_is_the_default_and_the_same_update() -> None:
             opt.step()
     moved = 0.0
     for (name, a), b, start in zip(models[0].named_parameters(), models[1].parameters(),
-                                   _tiny_model_with_grads(0).parameters()):
+                                   _tiny_sam(0).parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
         moved = max(moved, float((a - start).detach().abs().max()))
     assert moved > 1e-3  # the steps did update the weights
@@ -256,7 +256,7 @@ def test_resume_takes_the_configured_adamw_implementation() -> None:
     from trainer.presets import tiny_cpu
     from trainer.resume import apply_optim_config
 
-    model = _tiny_model_with_grads(0)
+    model = _tiny_sam(0)
     for saved, now in ((False, True), (True, False)):
         cfg = tiny_cpu()
         cfg.optim.fused = saved

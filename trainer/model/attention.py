@@ -26,6 +26,14 @@ SDPA_ON_CPU = False
 REAL_QUERY_BANDS_MIN_MACS = 2**24
 
 
+def skips_padding_queries(h: int, w: int, window_size: int, dim: int) -> bool:
+    """Whether ``Attention.forward_windowed`` takes the real queries only on an ``h×w``
+    grid of width ``dim`` (per image, so the choice, and ``trainer.flops``' executed
+    count, do not depend on the batch size)."""
+    padded_rows = -(-h // window_size) * -(-w // window_size) * window_size**2 - h * w
+    return padded_rows * window_size**2 * dim >= REAL_QUERY_BANDS_MIN_MACS
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Gather relative-position embeddings for every (query, key) offset.
 
@@ -184,9 +192,7 @@ class Attention(nn.Module):
             return window_unpartition(self(windows), window_size, pad_hw, (h, w))
         c = x.shape[-1]
         qkv = F.linear(x, self.qkv.weight)  # B×H×W×3C, real tokens only
-        # Per image, so the choice (and trainer.flops' executed count) ignores the batch size.
-        padded_rows = -(-h // window_size) * -(-w // window_size) * window_size**2 - h * w
-        if padded_rows * window_size**2 * c < REAL_QUERY_BANDS_MIN_MACS:
+        if not skips_padding_queries(h, w, window_size, c):
             # Small grids (the tiny model): four band calls cost more than the padded queries.
             windows, pad_hw = window_partition(qkv, window_size)
             if self.qkv.bias is not None:

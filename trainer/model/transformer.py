@@ -125,25 +125,24 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self._drop(self.self_attn(q=q, k=q, v=queries))
         queries = self.norm1(queries)
 
-        t2i = self.cross_attn_token_to_image
+        # The image-side projections of both cross-attentions (keys and values of
+        # token→image, queries of image→token) depend only on the layer's input keys.
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if isinstance(keys, FactoredTokens):
+            k, v, image_q = keys.project(t2i.k_proj, key_pe), keys.project(t2i.v_proj), keys.project(i2t.q_proj, key_pe)
+            keys = keys.tokens()
+        else:
+            keys_pe = keys + key_pe  # once for both attentions
+            k, v, image_q = t2i.k_proj(keys_pe), t2i.v_proj(keys), i2t.q_proj(keys_pe)
+
         q = queries + query_pe
-        attn = t2i.attend(t2i.q_proj(q), _project(keys, t2i.k_proj, key_pe), _project(keys, t2i.v_proj))
-        queries = self.norm2(queries + self._drop(attn))
+        queries = self.norm2(queries + self._drop(t2i.attend(t2i.q_proj(q), k, v)))
         queries = self.norm3(queries + self._drop(self.mlp(queries)))
 
-        i2t = self.cross_attn_image_to_token
         q = queries + query_pe
-        attn = i2t.attend(_project(keys, i2t.q_proj, key_pe), i2t.k_proj(q), i2t.v_proj(queries))
-        keys = keys.tokens() if isinstance(keys, FactoredTokens) else keys
+        attn = i2t.attend(image_q, i2t.k_proj(q), i2t.v_proj(queries))
         keys = self.norm4(keys + self._drop(attn))
         return queries, keys
-
-
-def _project(keys: Tensor | FactoredTokens, linear: nn.Linear, pe: Tensor | None = None) -> Tensor:
-    """``linear(keys + pe)`` (``linear(keys)`` without ``pe``), factored keys included."""
-    if isinstance(keys, FactoredTokens):
-        return keys.project(linear, pe)
-    return linear(keys if pe is None else keys + pe)
 
 
 class TwoWayTransformer(nn.Module):
