@@ -198,12 +198,10 @@ def alternate(run: TrainRun, base: BaselineStep, batches: list[Batch], runs: int
     for i in range(runs + 1):
         batch = batches[i % len(batches)]
         seed = step_seed(run.cfg.train.seed, run.step, run.info.rank)
-        if i % 2 == 0:
-            tb = _timed(run, lambda: base.step(batch, seed))
-            to = _timed(run, lambda: run.train_step(iter([batch])))
-        else:
-            to = _timed(run, lambda: run.train_step(iter([batch])))
-            tb = _timed(run, lambda: base.step(batch, seed))
+        steps = {"baseline": lambda: base.step(batch, seed), "ours": lambda: run.train_step(iter([batch]))}
+        order = ("baseline", "ours") if i % 2 == 0 else ("ours", "baseline")
+        took = {name: _timed(run, steps[name]) for name in order}
+        tb, to = took["baseline"], took["ours"]
         if i == 0:  # warm-up: allocator, lazy init
             run.timer.totals.clear()
             base.timer.totals.clear()

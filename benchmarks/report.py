@@ -175,7 +175,7 @@ def train_table(train: dict[str, Any]) -> list[str]:
         c = r["loss_check"]
         lines.append(f"| {name} | {settings} | {r['ours_s'] * 1e3:.1f} | {r['baseline_s'] * 1e3:.1f} | "
                      f"**{r['ratio']:.2f}x** | {r['images_per_s']:.3f} | {r['achieved_tflops']:.3f} | "
-                     f"{_fmt_pct(r['encoder_mfu'])} | {_fmt_pct(r['e2e_mfu'])} | {r.get('executed_fraction', 1.0):.2f} | "
+                     f"{_fmt_pct(r['encoder_mfu'])} | {_fmt_pct(r['e2e_mfu'])} | {r['executed_fraction']:.2f} | "
                      f"{c['rel_diff']:.1e} (own prompts: {c['rel_diff_sampled']:.1e}) |")
     return lines
 

@@ -182,7 +182,7 @@ def test_where_scaling_stops_finds_the_first_node_count_below_threshold() -> Non
 def _fake_train_result() -> dict:
     return {"name": "tiny_cpu", "batch_size": 2, "max_masks": 8, "rounds": 4, "img_size": 256, "amp": "off",
             "ac": False, "threads": 1, "ours_s": 0.5, "baseline_s": 0.75, "ratio": 1.5, "images_per_s": 4.0,
-            "achieved_tflops": 0.01, "encoder_mfu": None, "e2e_mfu": 0.123,
+            "achieved_tflops": 0.01, "encoder_mfu": None, "e2e_mfu": 0.123, "executed_fraction": 0.75,
             "loss_check": {"rel_diff": 0.0, "rel_diff_sampled": 1e-7},
             "ours_shares": {"encoder": 0.1, "backward": 0.5, "other": 0.4},
             "baseline_shares": {"encoder": 0.2, "other": 0.8},
@@ -201,6 +201,7 @@ def test_report_renders_tables_failures_and_headlines() -> None:
     }
     text = report.render(results, {"cpu": "test cpu", "torch": "x"}, "Benchmark report", "cmd")
     assert "| tiny_cpu |" in text and "**1.50x**" in text and "n/a (no peak known)" in text and "12.30%" in text
+    assert "| 12.30% | 0.75 | 0.0e+00" in text  # end-to-end MFU, executed / model FLOPs, loss check
     assert "| vit_b_256 | FAILED: RuntimeError: boom |" in text
     assert "| bench_metrics | step ratio metrics on/off | 1.0042 |" in text
     assert "| 2 | 550.0 | 0.91 |" in text
