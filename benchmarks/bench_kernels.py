@@ -86,8 +86,8 @@ def loss_case(masks: int = 64, rounds: int = 11, low: int = 64, size: int = 256,
     return outs, gt, valid_hw
 
 
-def bench_loss(runs: int) -> dict[str, float]:
-    outs, gt, valid_hw = loss_case()
+def bench_loss(runs: int, masks: int = 64, rounds: int = 11) -> dict[str, float]:
+    outs, gt, valid_hw = loss_case(masks, rounds)
     valid = torch.ones(gt.shape[0], dtype=torch.bool)
     cfg = LossConfig()
 
