@@ -1,6 +1,5 @@
 """``python -m trainer`` is ``sam-train``."""
 
-from trainer.cli import main
-from trainer.dist import run_main
+from trainer.cli import console_main
 
-run_main(main)
+console_main()
