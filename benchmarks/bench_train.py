@@ -244,14 +244,16 @@ def mfu_numbers(run: TrainRun, bench: BenchConfig, batches: list[Batch], step_s:
     budget = train_flops_per_image(spec, run.cfg.data.max_masks_per_image, run.cfg.prompts, False)
     images = sum(b.images.shape[0] for b in batches) / len(batches)
     masks = sum(int(b.valid.sum()) for b in batches) / len(batches)
-    executed = train_flops_per_image(spec, run.cfg.data.max_masks_per_image, run.cfg.prompts, False, executed=True)
+    executed = train_flops_per_image(spec, run.cfg.data.max_masks_per_image, run.cfg.prompts, False, executed=True,
+                                     cuda=run.device.type == "cuda")
     enc = images * budget.model_encoder / step_s
     e2e = enc + masks * 3.0 * budget.decoder_forward / max(budget.masks_per_image, 1) / step_s
     return {"images_per_s": images / step_s, "masks_per_image": masks,
             "model_tflops_per_image": (budget.model_encoder + 3.0 * budget.decoder_forward * masks
                                        / max(budget.masks_per_image, 1)) / 1e12,
             "achieved_tflops": e2e / 1e12,
-            # What our step runs per model FLOP (padding rows skipped, factored first decoder layer).
+            # What our step runs per model FLOP (padding rows skipped, factored first decoder
+            # layer, few-token attentions through the weights).
             "executed_fraction": (executed.encoder_forward + executed.decoder_forward)
             / (budget.encoder_forward + budget.decoder_forward),
             "encoder_mfu": None if peak is None else enc / peak,

@@ -24,7 +24,9 @@ modules in ``trainer.model`` for any :class:`~trainer.model.build.SamSpec`:
   queries too where that pays off, keys still over the padded windows), and the
   decoder's first two-way layer projects each image once and each mask through the
   r = ``mask_in_chans`` mask features
-  (``trainer/model/factored.py``, per-image part :func:`decoder_image_flops`). The
+  (``trainer/model/factored.py``, per-image part :func:`decoder_image_flops`), and on
+  CPU the cross-attentions with few prompt tokens multiply the image side through the
+  projection weights (``trainer/model/few_tokens.py``; h·T rows instead of C/2). The
   tests check both against the counter: the model count on the official
   ``segment_anything`` modules, the executed count on ours.
 - Training (:func:`train_flops_per_image`): backward ≈ 2× forward, so training ≈ 3×
@@ -51,6 +53,7 @@ import torch
 
 from trainer.model.attention import skips_padding_queries
 from trainer.model.build import ModelConfig, SamSpec, spec_for
+from trainer.model.few_tokens import through_pays
 from trainer.prompts import PromptConfig, sample_round_plan
 
 if TYPE_CHECKING:
@@ -163,14 +166,25 @@ def prompt_encoder_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt
     return flops
 
 
-def _two_way_layer_flops(spec: SamSpec, num_tokens: int) -> float:
-    """One ``TwoWayAttentionBlock`` for one mask: ``num_tokens`` queries, G² image keys."""
+def _two_way_layer_flops(spec: SamSpec, num_tokens: int, through: bool = False, first: bool = False) -> float:
+    """One ``TwoWayAttentionBlock`` for one mask: ``num_tokens`` queries, G² image keys.
+
+    ``through``: the cross-attentions multiplied through the weights
+    (``trainer/model/few_tokens.py``); in the ``first`` (factored) layer only the
+    image→token side, whose queries are projected already.
+    """
     c, hw = spec.prompt_embed_dim, spec.embedding_grid**2
     ci = c // 2  # cross-attention projects to C/2 (attention_downsample_rate 2)
     self_attn = 4 * _linear(num_tokens, c, c) + _attention_core(num_tokens, num_tokens, c)
-    token_to_image = _cross_attention_flops(num_tokens, hw, c, ci)
     mlp = 2 * _linear(num_tokens, c, spec.decoder_mlp_dim)
-    image_to_token = _cross_attention_flops(hw, num_tokens, c, ci)
+    if through:
+        heads = spec.decoder_num_heads
+        token_to_image = (_cross_attention_flops(num_tokens, hw, c, ci) if first
+                          else _token_to_image_through_flops(num_tokens, hw, c, ci, heads))
+        image_to_token = _image_to_token_through_flops(num_tokens, hw, c, ci, heads, queries_projected=first)
+    else:
+        token_to_image = _cross_attention_flops(num_tokens, hw, c, ci)
+        image_to_token = _cross_attention_flops(hw, num_tokens, c, ci)
     return self_attn + token_to_image + mlp + image_to_token
 
 
@@ -180,24 +194,50 @@ def _cross_attention_flops(num_q: int, num_k: int, dim: int, internal: int) -> f
     return projections + _attention_core(num_q, num_k, internal) + _linear(num_q, internal, dim)
 
 
+def _token_to_image_through_flops(num_tokens: int, hw: int, dim: int, internal: int, heads: int) -> float:
+    """``few_tokens.tokens_to_image``: the token queries' projection and ``q·W_k``, ``q·b_k``,
+    then the (h·T)-row scores and mix over the G² image tokens, ``·W_vᵀ`` and ``out_proj``."""
+    tokens = 2 * _linear(num_tokens, dim, internal) + 2 * _linear(num_tokens, internal, dim)
+    return tokens + _linear(num_tokens, internal, 1) + 2 * _linear(heads * num_tokens, dim, hw)
+
+
+def _image_to_token_through_flops(num_tokens: int, hw: int, dim: int, internal: int, heads: int,
+                                  queries_projected: bool) -> float:
+    """``few_tokens.image_to_tokens``: the token keys' and values' projections, ``v·W_oᵀ``
+    and the output ``(G² × h·T) @ (h·T × C)``; the scores either through ``W_qᵀ·k`` (plus
+    ``b_q·k``) or, for ``queries_projected``, from the model's query projection."""
+    tokens = 2 * _linear(num_tokens, dim, internal) + _linear(num_tokens, internal, dim)
+    out = _linear(hw, heads * num_tokens, dim)
+    if queries_projected:
+        return tokens + out + _linear(hw, dim, internal) + _linear(num_tokens, internal, hw)
+    return tokens + out + _linear(num_tokens, internal, dim) + _linear(num_tokens, internal, 1) \
+        + _linear(heads * num_tokens, dim, hw)
+
+
 def mask_decoder_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool = True,
-                       executed: bool = False) -> float:
+                       executed: bool = False, cuda: bool = False) -> float:
     """Mask decoder for one mask: two-way transformer, final token→image attention,
     output upscaling (two k2s2 transposed convs to 4G×4G), the 4 hypernetwork MLPs, the
     mask product and the IoU head. All 4 mask tokens are computed whatever the
     multimask choice (``predict_masks``), so the count does not depend on it.
     ``executed``: the first layer's three image projections (``C→C/2`` over G² tokens) run
-    per mask on the r mask features only (none without a mask prompt); their per-image
-    part is :func:`decoder_image_flops`.
+    per mask on the r mask features only (none without a mask prompt; their per-image
+    part is :func:`decoder_image_flops`), and with few tokens the cross-attentions run
+    through the weights (``few_tokens.through_pays``; not on ``cuda``).
     """
     c, grid = spec.prompt_embed_dim, spec.embedding_grid
     hw = grid * grid
     num_tokens = DECODER_OUTPUT_TOKENS + num_prompt_tokens
-    transformer = spec.decoder_depth * _two_way_layer_flops(spec, num_tokens)
+    through = executed and through_pays(spec.decoder_num_heads, num_tokens, c // 2, cuda)
+    transformer = sum(_two_way_layer_flops(spec, num_tokens, through, first=i == 0)
+                      for i in range(spec.decoder_depth))
     if executed and spec.decoder_depth > 0:
         factored = _linear(hw, spec.mask_in_chans, c // 2) if with_mask_prompt else 0.0
         transformer -= 3 * (_linear(hw, c, c // 2) - factored)
-    transformer += _cross_attention_flops(num_tokens, hw, c, c // 2)
+    if through:
+        transformer += _token_to_image_through_flops(num_tokens, hw, c, c // 2, spec.decoder_num_heads)
+    else:
+        transformer += _cross_attention_flops(num_tokens, hw, c, c // 2)
     upscaling = _linear(hw, c, 4 * (c // 4)) + _linear(4 * hw, c // 4, 4 * (c // 8))
     hyper = 4 * (2 * _linear(1, c, c) + _linear(1, c, c // 8))
     masks = _linear(4, c // 8, 16 * hw)  # (4 × C/8) @ (C/8 × 4G·4G)
@@ -207,7 +247,7 @@ def mask_decoder_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: 
 
 
 def decoder_forward_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_prompt: bool,
-                          executed: bool = False) -> float:
+                          executed: bool = False, cuda: bool = False) -> float:
     """Prompt encoder + mask decoder forward FLOPs for ONE mask in ONE round.
 
     Args:
@@ -215,11 +255,13 @@ def decoder_forward_flops(spec: SamSpec, num_prompt_tokens: int, with_mask_promp
         num_prompt_tokens: sparse prompt tokens of the round (round 1: 2; +1 per
             correction point so far, see :func:`tokens_per_round`).
         with_mask_prompt: the round feeds back the previous logits (every round but the first).
-        executed: what our factored first layer runs per mask (module docstring); add
+        executed: what our decoder runs per mask (module docstring); add
             :func:`decoder_image_flops` once per image and round.
+        cuda: executed on a CUDA device, where the few-token attentions keep the
+            model's products (``trainer/model/few_tokens.py``).
     """
     return (prompt_encoder_flops(spec, num_prompt_tokens, with_mask_prompt)
-            + mask_decoder_flops(spec, num_prompt_tokens, with_mask_prompt, executed))
+            + mask_decoder_flops(spec, num_prompt_tokens, with_mask_prompt, executed, cuda))
 
 
 def decoder_image_flops(spec: SamSpec, with_mask_prompt: bool) -> float:
@@ -260,9 +302,10 @@ def sampled_token_plans(prompts: PromptConfig, num_samples: int = _NUM_PLAN_SAMP
     return [tokens_per_round(sample_round_plan(prompts, generator)) for _ in range(num_samples)]
 
 
-def _decoder_rounds_flops(spec: SamSpec, plans: Sequence[Sequence[int]], executed: bool = False) -> float:
+def _decoder_rounds_flops(spec: SamSpec, plans: Sequence[Sequence[int]], executed: bool = False,
+                          cuda: bool = False) -> float:
     """Mean over plans of one mask's prompt encoder + decoder forward, summed over rounds."""
-    total = sum(decoder_forward_flops(spec, tokens, with_mask_prompt=r > 0, executed=executed)
+    total = sum(decoder_forward_flops(spec, tokens, with_mask_prompt=r > 0, executed=executed, cuda=cuda)
                 for plan in plans for r, tokens in enumerate(plan))
     return total / len(plans)
 
@@ -331,6 +374,7 @@ def train_flops_per_image(
     prompts: PromptConfig | Sequence[int],
     activation_checkpointing: bool | None = None,
     executed: bool = False,
+    cuda: bool = False,
 ) -> FlopBudget:
     """Training FLOPs per image: the encoder once, prompt encoder + decoder per mask per round.
 
@@ -345,6 +389,7 @@ def train_flops_per_image(
             None takes ``spec.activation_checkpointing``.
         executed: the FLOPs our step runs instead of the official model's (module
             docstring); MFU counts the model's.
+        cuda: the executed FLOPs on a CUDA device (:func:`decoder_forward_flops`).
 
     Returns:
         The :class:`FlopBudget`. Not counted: ``get_dense_pe`` (``2·G²·C`` once per step,
@@ -358,7 +403,7 @@ def train_flops_per_image(
     if not plans[0]:
         raise ValueError("prompts: a plan needs at least one round")
     enc_fwd = encoder_forward_flops(spec, executed)
-    dec_fwd = masks_per_image * _decoder_rounds_flops(spec, plans, executed)
+    dec_fwd = masks_per_image * _decoder_rounds_flops(spec, plans, executed, cuda)
     if executed and masks_per_image:
         dec_fwd += sum(decoder_image_flops(spec, r > 0) for plan in plans for r in range(len(plan))) / len(plans)
     enc_recompute = encoder_recompute_flops(spec, executed) if recomputes else 0.0

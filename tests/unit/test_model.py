@@ -201,6 +201,39 @@ def test_decoder_accepts_per_prompt_embeddings() -> None:
         model.mask_decoder(emb, pe, sparse, dense, True)
 
 
+@pytest.mark.parametrize("size", [(3, 5), (4, 4), (1, 2)])
+def test_upscaled_masks_on_pixel_rows_match_the_convolutions(size: tuple[int, int]) -> None:
+    """``MaskDecoder._upscaled_masks`` (the 2×2 stride-2 transposed convs as per-pixel
+    matmuls in block order, native LayerNorm, masks reordered at the end) is the official
+    ``output_upscaling`` then ``hyper_in @ upscaled.view(b, c, h*w)``: same logits and
+    gradients (tokens, hypernetwork outputs, every upscaling parameter) in fp64, h ≠ w."""
+    from trainer.model.common import layer_norm_2d_reference
+
+    torch.manual_seed(5)
+    decoder = build_sam("tiny").mask_decoder.double()
+    with torch.no_grad():
+        for p in decoder.output_upscaling.parameters():
+            p.normal_()  # nonzero biases, a non-trivial LayerNorm affine
+    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+    h, w = size
+    n, c = 3, decoder.transformer_dim
+    src = torch.randn(n, h * w, c, dtype=torch.float64, requires_grad=True)
+    hyper = torch.randn(n, 4, c // 8, dtype=torch.float64, requires_grad=True)
+
+    def official() -> torch.Tensor:
+        x = conv1(src.transpose(1, 2).reshape(n, c, h, w))
+        x = act2(conv2(act1(layer_norm_2d_reference(x, norm.weight, norm.bias, norm.eps))))
+        return (hyper @ x.view(n, c // 8, 16 * h * w)).view(n, -1, 4 * h, 4 * w)
+
+    ours, ref = decoder._upscaled_masks(src, hyper, (h, w)), official()
+    assert ours.shape == (n, 4, 4 * h, 4 * w)
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    leaves = [src, hyper, *decoder.output_upscaling.parameters()]
+    weight = torch.randn(ref.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((ours * weight).sum(), leaves), torch.autograd.grad((ref * weight).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_tiny_trains_on_a_fixed_batch() -> None:
     """A few AdamW steps on one batch reduce a simple mask loss (BCE + dice)."""
     torch.manual_seed(0)

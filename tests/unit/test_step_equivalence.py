@@ -205,6 +205,129 @@ def test_decoder_attention_uses_few_keys_path_only_where_it_applies(monkeypatch:
     assert len(calls) == 1
 
 
+def _attention_with_random_biases(dim: int, heads: int) -> torch.nn.Module:
+    from trainer.model.transformer import Attention
+
+    attn = Attention(dim, heads, downsample_rate=2).double()
+    with torch.no_grad():  # nonzero biases, so every bias term of the reassociation is exercised
+        for p in attn.parameters():
+            if p.ndim == 1:
+                p.normal_()
+    return attn
+
+
+def _grads(out: torch.Tensor, leaves: list[torch.Tensor], w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad((out * w).sum(), leaves)
+
+
+def _used_params(attn: torch.nn.Module, projections: tuple[str, ...]) -> tuple[list[str], list[torch.Tensor]]:
+    named = [(name, p) for name, p in attn.named_parameters() if name.split(".")[0] in projections]
+    return [name for name, _ in named], [p for _, p in named]
+
+
+@pytest.mark.parametrize("num_tokens,num_image,heads,dim", [(7, 49, 4, 64), (11, 30, 8, 256), (1, 5, 2, 16)])
+def test_tokens_to_image_through_the_weights_matches_attend(num_tokens: int, num_image: int, heads: int,
+                                                            dim: int) -> None:
+    """``few_tokens.tokens_to_image`` is ``attend(q, k_proj(x + pe), v_proj(x))`` reassociated:
+    same output and gradients (queries, both image inputs, every parameter) in fp64. The
+    k_proj bias gradient is zero in exact arithmetic (a constant shift under softmax) on
+    both sides; it is still produced, as DDP needs."""
+    from trainer.model.few_tokens import tokens_to_image
+
+    gen = torch.Generator().manual_seed(11)
+    attn = _attention_with_random_biases(dim, heads)
+    n = 3
+    q = torch.randn(n, num_tokens, dim // 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    key_src, value_src = (torch.randn(n, num_image, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+                          for _ in range(2))
+    param_names, params = _used_params(attn, ("k_proj", "v_proj", "out_proj"))
+    leaves = [q, key_src, value_src, *params]
+    ours = tokens_to_image(attn, q, key_src, value_src)
+    ref = attn.attend(q, attn.k_proj(key_src), attn.v_proj(value_src))
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    names = ["q", "key_src", "value_src", *param_names]
+    for name, a, b in zip(names, _grads(ours, leaves, w), _grads(ref, leaves, w)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["queries-through", "queries-projected"])
+@pytest.mark.parametrize("num_tokens,num_image,heads,dim", [(7, 49, 4, 64), (15, 30, 8, 256), (1, 6, 2, 16)])
+def test_image_to_tokens_through_the_weights_matches_attend(projected: bool, num_tokens: int, num_image: int,
+                                                            heads: int, dim: int) -> None:
+    """``few_tokens.image_to_tokens``, with the queries multiplied through ``W_q`` (plus the
+    ``b_q·k`` term, which does change the softmax) or already projected (the factored first
+    layer): ``attend(q_proj(x + pe), k, v)`` to fp64 rounding, with every gradient."""
+    from trainer.model.few_tokens import image_to_tokens
+
+    gen = torch.Generator().manual_seed(12)
+    attn = _attention_with_random_biases(dim, heads)
+    n, internal = 2, dim // 2
+    k, v = (torch.randn(n, num_tokens, internal, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    image = torch.randn(n, num_image, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    param_names, params = _used_params(attn, ("q_proj", "out_proj"))
+    leaves = [k, v, image, *params]
+    if projected:
+        ours = image_to_tokens(attn, k, v, q=attn.q_proj(image))
+    else:
+        ours = image_to_tokens(attn, k, v, query_src=image)
+    ref = attn.attend(attn.q_proj(image), k, v)
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    names = ["k", "v", "image", *param_names]
+    for name, a, b in zip(names, _grads(ours, leaves, w), _grads(ref, leaves, w)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match="exactly one of query_src or q"):
+        image_to_tokens(attn, k, v)
+
+
+def test_decoder_multiplies_through_the_weights_only_with_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule (h·T < D, CPU only), and a whole vit_b-width decoder round (mask input,
+    factored first layer) with the through-weights attentions on vs off: same logits, IoUs
+    and gradients to fp32 rounding; with 16 tokens (8·16 = 128 = D) nothing goes through."""
+    from trainer.model import transformer
+    from trainer.model.build import build_from_spec, spec_for
+    from trainer.model.few_tokens import through_pays
+
+    assert through_pays(8, 11, 128, cuda=False) and not through_pays(8, 16, 128, cuda=False)
+    assert not through_pays(8, 7, 128, cuda=True)
+    torch.manual_seed(6)
+    spec = spec_for("vit_b", img_size=96, decoder_dropout=0.0)  # C = 256, 8 heads, a 6×6 grid
+    sam = build_from_spec(spec)
+    g, n = spec.embedding_grid, 3
+    emb = torch.randn(2, spec.prompt_embed_dim, g, g, requires_grad=True)
+    mask = torch.randn(n, 1, 4 * g, 4 * g, requires_grad=True)
+    idx = torch.tensor([1, 0, 1])
+    calls: list[str] = []
+    rule = transformer.multiplies_through
+    for name in ("tokens_to_image", "image_to_tokens"):
+        real = getattr(transformer, name)
+        monkeypatch.setattr(transformer, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    for num_points, goes_through in ((4, True), (11, False)):
+        coords = torch.rand(n, num_points, 2) * spec.img_size
+        labels = torch.randint(0, 2, (n, num_points))
+        results = []
+        for allowed in (False, True):
+            calls.clear()
+            monkeypatch.setattr(transformer, "multiplies_through",
+                                rule if allowed else (lambda *a: False))
+            masks, iou = _decode(sam, emb, idx, coords, labels, mask, True)
+            w = torch.randn(masks.shape, generator=torch.Generator().manual_seed(2))
+            params = list(sam.mask_decoder.parameters())
+            grads_ = torch.autograd.grad((masks * w).sum() + iou.square().sum(), [emb, mask] + params)
+            results.append((masks.detach(), iou.detach(), grads_, list(calls)))
+        (m1, i1, g1, c1), (m2, i2, g2, c2) = results
+        assert c1 == []
+        # 2 layers: i2t in both, t2i in layer 2 only (layer 1 is factored), plus the final attention.
+        assert sorted(c2) == (sorted(["image_to_tokens"] * 2 + ["tokens_to_image"] * 2) if goes_through else [])
+        torch.testing.assert_close(m2, m1, rtol=1e-4, atol=1e-5 * float(m1.abs().max()))
+        torch.testing.assert_close(i2, i1, rtol=1e-4, atol=1e-6)
+        scale = max(float(a.abs().max()) for a in g1)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-6 * scale)
+
+
 @pytest.mark.parametrize("shape", [(3, 16, 5, 7), (2, 4, 8, 8), (1, 1, 3, 3)])
 def test_layer_norm_2d_closed_form_backward_matches_autograd(shape: tuple[int, ...]) -> None:
     """Same output as the official op sequence, same gradients for x, weight and bias."""

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .common import MLPBlock
 from .factored import FactoredTokens
+from .few_tokens import image_to_tokens, multiplies_through, tokens_to_image
 
 
 class Attention(nn.Module):
@@ -125,22 +126,37 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self._drop(self.self_attn(q=q, k=q, v=queries))
         queries = self.norm1(queries)
 
-        # The image-side projections of both cross-attentions (keys and values of
-        # token→image, queries of image→token) depend only on the layer's input keys.
+        # With few prompt tokens the image side is multiplied through the weights
+        # (few_tokens.py); otherwise the image-side projections of both cross-attentions
+        # (keys and values of token→image, queries of image→token) are taken up front.
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        if isinstance(keys, FactoredTokens):
+        num_tokens = queries.shape[1]
+        factored = isinstance(keys, FactoredTokens)
+        t2i_through = not factored and multiplies_through(t2i, num_tokens, queries)
+        i2t_through = multiplies_through(i2t, num_tokens, queries)
+        image_q = None
+        if factored:
             k, v, image_q = keys.project(t2i.k_proj, key_pe), keys.project(t2i.v_proj), keys.project(i2t.q_proj, key_pe)
             keys = keys.tokens()
         else:
             keys_pe = keys + key_pe  # once for both attentions
-            k, v, image_q = t2i.k_proj(keys_pe), t2i.v_proj(keys), i2t.q_proj(keys_pe)
+            if not t2i_through:
+                k, v = t2i.k_proj(keys_pe), t2i.v_proj(keys)
+            if not i2t_through:
+                image_q = i2t.q_proj(keys_pe)
 
-        q = queries + query_pe
-        queries = self.norm2(queries + self._drop(t2i.attend(t2i.q_proj(q), k, v)))
+        q = t2i.q_proj(queries + query_pe)
+        attn = tokens_to_image(t2i, q, keys_pe, keys) if t2i_through else t2i.attend(q, k, v)
+        queries = self.norm2(queries + self._drop(attn))
         queries = self.norm3(queries + self._drop(self.mlp(queries)))
 
-        q = queries + query_pe
-        attn = i2t.attend(image_q, i2t.k_proj(q), i2t.v_proj(queries))
+        token_k, token_v = i2t.k_proj(queries + query_pe), i2t.v_proj(queries)
+        if not i2t_through:
+            attn = i2t.attend(image_q, token_k, token_v)
+        elif image_q is not None:  # factored queries: only out_proj goes through the weights
+            attn = image_to_tokens(i2t, token_k, token_v, q=image_q)
+        else:
+            attn = image_to_tokens(i2t, token_k, token_v, query_src=keys_pe)
         keys = self.norm4(keys + self._drop(attn))
         return queries, keys
 
@@ -191,7 +207,11 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
         if isinstance(keys, FactoredTokens):  # depth 0
             keys = keys.tokens()
-        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
+        final = self.final_attn_token_to_image
+        if multiplies_through(final, queries.shape[1], queries):
+            attn_out = tokens_to_image(final, final.q_proj(queries + point_embedding), keys + key_pe, keys)
+        else:
+            attn_out = final(q=queries + point_embedding, k=keys + key_pe, v=keys)
         if self.dropout:
             attn_out = F.dropout(attn_out, self.dropout, self.training)
         return self.norm_final_attn(queries + attn_out), keys
