@@ -19,8 +19,11 @@ Every row times the baseline and ours alternately in this process on the same in
 - ``decoder round, factored first layer``: one decoder round with a mask input (16 masks)
   on ``image + dense`` vs the factored first layer of ``trainer/model/factored.py``, at
   256 px and 1024 px;
-- ``decoder upscaling + mask product``: the official product layout vs the channels-last
-  one of ``MaskDecoder._hyper_product``;
+- ``decoder round, few-token attention through the weights``: a factored decoder round
+  whose cross-attentions project the image side vs multiply it through the weights
+  (``trainer/model/few_tokens.py``), at 7, 11 and 15 tokens (256 px) and at 1024 px;
+- ``decoder upscaling + mask product``: the official transposed convolutions and product
+  vs ``MaskDecoder._upscaled_masks`` (per-pixel matmuls in block order), 256 and 1024 px;
 - ``encoder windowed attention``: a ViT-B windowed block's attention, pad then project
   (official) vs ``Attention.forward_windowed`` (project the real tokens only);
 - ``AdamW step``: one optimizer step over ViT-B's parameters, PyTorch's CPU default vs
@@ -167,9 +170,10 @@ def bench_layer_norm(runs: int) -> dict[str, float]:
     return compared(ref, ours, runs)
 
 
-def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
-    """One SAM decoder round (C = 256, the same for every variant) with a mask input,
-    forward + backward: the plain ``image + dense`` first layer vs the factored one."""
+def _decoder_round(grid: int, masks: int, points: int = 6) -> Callable[[bool], torch.Tensor]:
+    """One SAM decoder round (C = 256, the same for every variant) with a mask input and
+    ``points`` prompt points (5 + points tokens), forward + backward; its argument picks
+    the factored first layer."""
     from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -177,7 +181,7 @@ def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
     sam = build_from_spec(spec)
     prompt, decoder = sam.prompt_encoder, sam.mask_decoder
     emb = torch.randn(1, 256, grid, grid, requires_grad=True)
-    coords, labels = torch.rand(masks, 6, 2) * spec.img_size, torch.randint(0, 2, (masks, 6))
+    coords, labels = torch.rand(masks, points, 2) * spec.img_size, torch.randint(0, 2, (masks, points))
     mask = torch.randn(masks, 1, 4 * grid, 4 * grid, requires_grad=True)
 
     def round_(factored: bool) -> torch.Tensor:
@@ -186,32 +190,58 @@ def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
         (low.square().mean() + iou.sum()).backward()
         return low
 
+    return round_
+
+
+def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
+    """A decoder round: the plain ``image + dense`` first layer vs the factored one."""
+    round_ = _decoder_round(grid, masks)
     return compared(lambda: round_(False), lambda: round_(True), runs)
 
 
-def bench_hyper_product(runs: int, grid: int, masks: int) -> dict[str, float]:
+def bench_few_tokens(runs: int, grid: int, masks: int, points: int) -> dict[str, float]:
+    """A (factored) decoder round with its cross-attentions projecting the image side
+    (SDPA / ``few_keys_attention``) vs multiplied through the weights
+    (``trainer/model/few_tokens.py``), forced on whatever the device, so that a GPU run
+    measures it too (the model uses it on CPU only)."""
+    from trainer.model import transformer  # noqa: PLC0415
+
+    round_, rule = _decoder_round(grid, masks, points), transformer.multiplies_through
+
+    def with_rule(through: bool) -> torch.Tensor:
+        transformer.multiplies_through = (lambda attn, tokens, like: attn.num_heads * tokens < attn.internal_dim) \
+            if through else (lambda *args: False)
+        try:
+            return round_(True)
+        finally:
+            transformer.multiplies_through = rule
+
+    return compared(lambda: with_rule(False), lambda: with_rule(True), runs)
+
+
+def bench_upscaling(runs: int, grid: int, masks: int) -> dict[str, float]:
     """The decoder's output upscaling + mask product, forward + backward: the official
-    ``hyper_in @ upscaled.view(b, c, h*w)`` vs ``MaskDecoder._hyper_product`` (the same
-    product in the upscaling's channels-last layout, so ``gelu_backward`` sees one layout)."""
+    transposed convolutions then ``hyper_in @ upscaled.view(b, c, h*w)`` vs
+    ``MaskDecoder._upscaled_masks`` (per-pixel matmuls in block order)."""
     from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
-    from trainer.model.mask_decoder import MaskDecoder  # noqa: PLC0415
 
     torch.manual_seed(0)
     decoder = build_from_spec(spec_for("vit_b", img_size=16 * grid)).mask_decoder
     src = torch.randn(masks, grid * grid, 256, requires_grad=True)  # token-major, as the transformer returns
     hyper = torch.randn(masks, 4, 32, requires_grad=True)
 
-    def run(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(masks, 256, grid, grid))
-        out = product(hyper, upscaled)
+    def official() -> torch.Tensor:
+        up = decoder.output_upscaling(src.transpose(1, 2).reshape(masks, 256, grid, grid))
+        out = (hyper @ up.reshape(masks, 32, -1)).view(masks, -1, 4 * grid, 4 * grid)
         out.square().mean().backward()
         return out
 
-    def official(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        b, c, hh, ww = up.shape
-        return (h @ up.view(b, c, hh * ww)).view(b, -1, hh, ww)
+    def ours() -> torch.Tensor:
+        out = decoder._upscaled_masks(src, hyper, (grid, grid))
+        out.square().mean().backward()
+        return out
 
-    return compared(lambda: run(official), lambda: run(MaskDecoder._hyper_product), runs)
+    return compared(official, ours, runs)
 
 
 def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
@@ -316,8 +346,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             bench_factored_round(args.runs, 16, 16),
         "decoder round, factored first layer, 1024 px: 16 masks x 4096 tokens, fwd+bwd (image + dense)":
             bench_factored_round(max(args.runs // 2, 1), 64, 16),
-        "decoder upscaling + mask product, 16 masks at 256 px, fwd+bwd (official layout)":
-            bench_hyper_product(args.runs, 16, 16),
+        **{f"decoder round, few-token attention through the weights, 256 px: 16 masks, {5 + p} tokens, fwd+bwd "
+           "(project the image side)": bench_few_tokens(args.runs, 16, 16, p) for p in (2, 6, 10)},
+        "decoder round, few-token attention through the weights, 1024 px: 4 masks, 11 tokens, fwd+bwd "
+        "(project the image side)": bench_few_tokens(max(args.runs // 2, 1), 64, 4, 6),
+        "decoder upscaling + mask product, 16 masks at 256 px, fwd+bwd (transposed convolutions)":
+            bench_upscaling(args.runs, 16, 16),
+        "decoder upscaling + mask product, 4 masks at 1024 px, fwd+bwd (transposed convolutions)":
+            bench_upscaling(max(args.runs // 2, 1), 64, 4),
         "encoder windowed attention, vit_b at 256 px: 16x16 in 28x28 windows, fwd+bwd (pad, then qkv)":
             bench_windowed_attention(args.runs, 16),
         "encoder windowed attention, vit_b at 1024 px: 64x64 in 70x70 windows, fwd+bwd (pad, then qkv)":

@@ -215,7 +215,7 @@ def test_guarded_turns_a_failure_into_an_error_entry() -> None:
     assert failed["ok"] is False and failed["error"].startswith("ZeroDivisionError")
 
 
-@pytest.mark.parametrize("row", ["loss", "upsample", "adjoint", "attention", "layer_norm", "hyper_product",
+@pytest.mark.parametrize("row", ["loss", "upsample", "adjoint", "attention", "layer_norm", "upscaling", "few_tokens",
                                  "windowed_attention", "factored_round", "adamw", "allocator"])
 def test_kernel_rows_run_and_agree(row: str) -> None:
     """Each ``bench_kernels`` row at its smallest size (AdamW and the allocator at their
@@ -229,7 +229,8 @@ def test_kernel_rows_run_and_agree(row: str) -> None:
         "adjoint": lambda: bench_kernels.bench_adjoint(1),
         "attention": lambda: bench_kernels.bench_attention(1, 4, 64, 9, 32, 4),
         "layer_norm": lambda: bench_kernels.bench_layer_norm(1),
-        "hyper_product": lambda: bench_kernels.bench_hyper_product(1, 8, 2),
+        "upscaling": lambda: bench_kernels.bench_upscaling(1, 8, 2),
+        "few_tokens": lambda: bench_kernels.bench_few_tokens(1, 8, 2, 2),
         "windowed_attention": lambda: bench_kernels.bench_windowed_attention(1, 16),
         "factored_round": lambda: bench_kernels.bench_factored_round(1, 8, 2),
         "adamw": lambda: bench_kernels.bench_adamw(1),
