@@ -255,7 +255,8 @@ def render(results: dict[str, Any], info: dict[str, str], title: str, command: s
               "the timed runs. Ratio > 1: ours is faster. Loss check: the baseline replaying our recorded "
               "prompts (and, in brackets, sampling its own). MFU counts model FLOPs (`trainer.flops`, no "
               "recompute), the official model's; our step runs the share in 'executed / model FLOPs' "
-              "(the same math: padding rows skipped, factored first decoder layer, few-token attentions through the weights on CPU). "
+              "(the same math: padding rows skipped, factored first decoder layer, few-token "
+              "attentions through the weights on CPU). "
               f"Paper: {PAPER_IMAGES_PER_S_PER_GPU} images/s/GPU (A100).", ""]
     lines += train_table(results.get("train", {}))
     lines += ["", "### Where the time goes", "",
