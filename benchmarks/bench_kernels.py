@@ -33,6 +33,7 @@ Every row times the baseline and ours alternately in this process on the same in
   process-wide setting, so each side runs in its own subprocess).
 
     python benchmarks/bench_kernels.py [--runs 5]
+    python benchmarks/bench_kernels.py --gpu     # on CUDA, bf16: the rows still open there (make bench-gpu)
 """
 
 from __future__ import annotations
@@ -170,7 +171,21 @@ def bench_layer_norm(runs: int) -> dict[str, float]:
     return compared(ref, ours, runs)
 
 
-def _decoder_round(grid: int, masks: int, points: int = 6) -> Callable[[bool], torch.Tensor]:
+def _on(device: str, amp: bool) -> Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]:
+    """Wrap a benchmark side: bf16 autocast when ``amp``, and a CUDA sync at the end so
+    the timer sees the device's work."""
+    def wrap(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def side() -> torch.Tensor:
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                out = fn()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            return out.float()
+        return side
+    return wrap
+
+
+def _decoder_round(grid: int, masks: int, points: int = 6, device: str = "cpu") -> Callable[[bool], torch.Tensor]:
     """One SAM decoder round (C = 256, the same for every variant) with a mask input and
     ``points`` prompt points (5 + points tokens), forward + backward; its argument picks
     the factored first layer."""
@@ -178,16 +193,17 @@ def _decoder_round(grid: int, masks: int, points: int = 6) -> Callable[[bool], t
 
     torch.manual_seed(0)
     spec = spec_for("vit_b", img_size=16 * grid, decoder_dropout=0.0)
-    sam = build_from_spec(spec)
+    sam = build_from_spec(spec).to(device)
     prompt, decoder = sam.prompt_encoder, sam.mask_decoder
-    emb = torch.randn(1, 256, grid, grid, requires_grad=True)
-    coords, labels = torch.rand(masks, points, 2) * spec.img_size, torch.randint(0, 2, (masks, points))
-    mask = torch.randn(masks, 1, 4 * grid, 4 * grid, requires_grad=True)
+    emb = torch.randn(1, 256, grid, grid, device=device, requires_grad=True)
+    coords = torch.rand(masks, points, 2, device=device) * spec.img_size
+    labels = torch.randint(0, 2, (masks, points), device=device)
+    mask = torch.randn(masks, 1, 4 * grid, 4 * grid, device=device, requires_grad=True)
 
     def round_(factored: bool) -> torch.Tensor:
         sparse, dense = prompt((coords, labels), None, mask, pad_points=False, factored=factored)
         low, iou = decoder(emb, prompt.get_dense_pe(), sparse, dense, True)
-        (low.square().mean() + iou.sum()).backward()
+        (low.float().square().mean() + iou.float().sum()).backward()
         return low
 
     return round_
@@ -199,14 +215,15 @@ def bench_factored_round(runs: int, grid: int, masks: int) -> dict[str, float]:
     return compared(lambda: round_(False), lambda: round_(True), runs)
 
 
-def bench_few_tokens(runs: int, grid: int, masks: int, points: int) -> dict[str, float]:
+def bench_few_tokens(runs: int, grid: int, masks: int, points: int, device: str = "cpu",
+                     amp: bool = False) -> dict[str, float]:
     """A (factored) decoder round with its cross-attentions projecting the image side
     (SDPA / ``few_keys_attention``) vs multiplied through the weights
     (``trainer/model/few_tokens.py``), forced on whatever the device, so that a GPU run
     measures it too (the model uses it on CPU only)."""
     from trainer.model import transformer  # noqa: PLC0415
 
-    round_, rule = _decoder_round(grid, masks, points), transformer.multiplies_through
+    round_, rule = _decoder_round(grid, masks, points, device), transformer.multiplies_through
 
     def with_rule(through: bool) -> torch.Tensor:
         transformer.multiplies_through = (lambda attn, tokens, like: attn.num_heads * tokens < attn.internal_dim) \
@@ -216,32 +233,45 @@ def bench_few_tokens(runs: int, grid: int, masks: int, points: int) -> dict[str,
         finally:
             transformer.multiplies_through = rule
 
-    return compared(lambda: with_rule(False), lambda: with_rule(True), runs)
+    on = _on(device, amp)
+    return compared(on(lambda: with_rule(False)), on(lambda: with_rule(True)), runs)
 
 
-def bench_upscaling(runs: int, grid: int, masks: int) -> dict[str, float]:
+def bench_upscaling(runs: int, grid: int, masks: int, device: str = "cpu", amp: bool = False) -> dict[str, float]:
     """The decoder's output upscaling + mask product, forward + backward: the official
     transposed convolutions then ``hyper_in @ upscaled.view(b, c, h*w)`` vs
     ``MaskDecoder._upscaled_masks`` (per-pixel matmuls in block order)."""
     from trainer.model.build import build_from_spec, spec_for  # noqa: PLC0415
 
     torch.manual_seed(0)
-    decoder = build_from_spec(spec_for("vit_b", img_size=16 * grid)).mask_decoder
-    src = torch.randn(masks, grid * grid, 256, requires_grad=True)  # token-major, as the transformer returns
-    hyper = torch.randn(masks, 4, 32, requires_grad=True)
+    decoder = build_from_spec(spec_for("vit_b", img_size=16 * grid)).mask_decoder.to(device)
+    # Token-major, as the transformer returns.
+    src = torch.randn(masks, grid * grid, 256, device=device, requires_grad=True)
+    hyper = torch.randn(masks, 4, 32, device=device, requires_grad=True)
 
     def official() -> torch.Tensor:
         up = decoder.output_upscaling(src.transpose(1, 2).reshape(masks, 256, grid, grid))
         out = (hyper @ up.reshape(masks, 32, -1)).view(masks, -1, 4 * grid, 4 * grid)
-        out.square().mean().backward()
+        out.float().square().mean().backward()
         return out
 
     def ours() -> torch.Tensor:
         out = decoder._upscaled_masks(src, hyper, (grid, grid))
-        out.square().mean().backward()
+        out.float().square().mean().backward()
         return out
 
-    return compared(official, ours, runs)
+    on = _on(device, amp)
+    return compared(on(official), on(ours), runs)
+
+
+def gpu_rows(runs: int) -> dict[str, dict[str, float]]:
+    """The rows whose choice is still open on CUDA (``make bench-gpu``), bf16 at 1024 px."""
+    return {
+        f"decoder round, few-token attention through the weights, 1024 px: 64 masks, {5 + p} tokens, bf16, "
+        "fwd+bwd (project the image side, SDPA)": bench_few_tokens(runs, 64, 64, p, "cuda", amp=True)
+        for p in (2, 6, 10)
+    } | {"decoder upscaling + mask product, 64 masks at 1024 px, bf16, fwd+bwd (transposed convolutions)":
+         bench_upscaling(runs, 64, 64, "cuda", amp=True)}
 
 
 def bench_windowed_attention(runs: int, grid: int) -> dict[str, float]:
@@ -332,8 +362,20 @@ def bench_allocator(runs: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="only the CUDA rows (gpu_rows), on cuda:0")
     args = parser.parse_args(argv)
-    rows = {
+    rows = gpu_rows(args.runs) if args.gpu else cpu_rows(args)
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")
+    for name, row in rows.items():
+        check = ", ".join(f"{k} {v:.1e}" for k, v in row.items() if k not in ("baseline_s", "ours_s"))
+        print(f"{name}: baseline {row['baseline_s'] * 1e3:.3g} ms, ours {row['ours_s'] * 1e3:.3g} ms, "
+              f"ratio {row['baseline_s'] / row['ours_s']:.2f} ({check})")
+    return rows
+
+
+def cpu_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Every CPU row (the default)."""
+    return {
         "loss, 64 masks x 11 rounds, 64->256, fwd+bwd (reference_sam_loss)": bench_loss(args.runs),
         "upsample, 4 masks 64->256 (F.interpolate)": bench_upsample(args.runs),
         "upsample adjoint, 64 masks 64->256 (aten backward)": bench_adjoint(args.runs),
@@ -361,12 +403,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "AdamW step, vit_b parameters (PyTorch's CPU default: per-parameter loop)": bench_adamw(args.runs),
         "allocator: tiny decoder round, 64 masks, fwd+bwd (glibc defaults)": bench_allocator(args.runs),
     }
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; baseline in brackets")
-    for name, row in rows.items():
-        check = ", ".join(f"{k} {v:.1e}" for k, v in row.items() if k not in ("baseline_s", "ours_s"))
-        print(f"{name}: baseline {row['baseline_s'] * 1e3:.3g} ms, ours {row['ours_s'] * 1e3:.3g} ms, "
-              f"ratio {row['baseline_s'] / row['ours_s']:.2f} ({check})")
-    return rows
 
 
 if __name__ == "__main__":

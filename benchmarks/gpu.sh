@@ -5,6 +5,8 @@
 # off and on, 3 timed steps per side after one warm-up, a 2-step profile, MFU against
 # the device's bf16 peak (trainer.flops), and the scaling model. A few minutes on one
 # H100/H200; a configuration that runs out of memory is reported as failed, the rest run.
+# Then bench_kernels --gpu (-> benchmarks/KERNELS-gpu.txt): the few-token attention and the
+# upscaling rows at 1024 px in bf16, which decide whether those CPU paths also serve CUDA.
 #
 #   bash benchmarks/gpu.sh [--peak-tflops N]      # N for a GPU missing from trainer.flops
 set -euo pipefail
@@ -18,4 +20,6 @@ python -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("s
     exit 2
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec python benchmarks/report.py --gpu "$@"
+python benchmarks/report.py --gpu "$@"
+# The kernel rows whose choice is still open on CUDA (few-token attention, upscaling), bf16.
+python benchmarks/bench_kernels.py --gpu --runs 5 | tee benchmarks/KERNELS-gpu.txt

@@ -234,6 +234,50 @@ def test_upscaled_masks_on_pixel_rows_match_the_convolutions(size: tuple[int, in
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _naive_blocks_to_image(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    n, k = masks.shape[:2]
+    return masks.reshape(n, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(n, k, 4 * h, 4 * w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_block_order_reorders_are_exact_inverses(dtype: torch.dtype) -> None:
+    """``upscaling.blocks_to_image`` is the block-order -> image-order permutation (against
+    one eight-dimensional permute) and ``image_to_blocks`` its inverse, bit for bit: runs
+    moved as integers keep every bit pattern, NaN payloads included."""
+    from trainer.model.upscaling import blocks_to_image, image_to_blocks
+
+    n, k, h, w = 2, 3, 5, 3
+    bits = torch.randint(-(2**15), 2**15, (n, k, 16 * h * w * dtype.itemsize // 2), dtype=torch.int16,
+                         generator=torch.Generator().manual_seed(0))
+    masks = bits.view(dtype)  # every bit pattern, NaNs and infinities among them
+    image = blocks_to_image(masks, (h, w))
+    assert image.shape == (n, k, 4 * h, 4 * w)
+    assert torch.equal(image.view(torch.int16), _naive_blocks_to_image(masks, h, w).contiguous().view(torch.int16))
+    assert torch.equal(image_to_blocks(image).view(torch.int16), bits)
+
+
+def test_mask_product_gradients_and_autocast_dtype() -> None:
+    """``upscaling.mask_product``: its custom backward passes gradcheck (fp64) and matches
+    autograd through the plain product in fp32 (the integer-run reorders); under CPU bf16
+    autocast it returns bf16, as the official ``hyper_in @ upscaled`` does."""
+    from trainer.model.upscaling import mask_product
+
+    gen = torch.Generator().manual_seed(1)
+    h, w = 2, 3
+    pixels = torch.randn(2, 16 * h * w, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    hyper = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, q: mask_product(p, q, (h, w)), (pixels, hyper))
+    p32, q32 = (t.detach().float().requires_grad_(True) for t in (pixels, hyper))
+    ours = mask_product(p32, q32, (h, w))
+    ref = _naive_blocks_to_image(q32 @ p32.transpose(1, 2), h, w)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn(ref.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), (p32, q32)), torch.autograd.grad((ref * g).sum(), (p32, q32))):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mask_product(p32, q32, (h, w)).dtype == torch.bfloat16
+
+
 def test_tiny_trains_on_a_fixed_batch() -> None:
     """A few AdamW steps on one batch reduce a simple mask loss (BCE + dice)."""
     torch.manual_seed(0)

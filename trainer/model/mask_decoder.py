@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .common import LayerNorm2d
 from .factored import FactoredTokens, LowRankDense
+from .upscaling import mask_product, pixel_block_linear
 
 
 class MLP(nn.Module):
@@ -135,18 +136,14 @@ class MaskDecoder(nn.Module):
         return self._upscaled_masks(src, hyper_in, (h, w)), self.iou_prediction_head(iou_token_out)
 
     def _upscaled_masks(self, src: Tensor, hyper_in: Tensor, size: tuple[int, int]) -> Tensor:
-        """``hyper_in @ output_upscaling(src)`` over channels, on pixel rows.
+        """``hyper_in @ output_upscaling(src)`` over channels, on pixel rows in block order.
 
-        Both upscaling convolutions are transposed 2×2 convolutions with stride 2: each
-        maps every input pixel to its own 2×2 output block, a per-pixel linear map
-        ``C -> 4·C'`` (one matmul over the token rows). LayerNorm2d, GELU and the mask
-        product act per pixel as well. So the chain runs on pixel rows in *block* order
-        (row ``(y, x, i₁, j₁, i₂, j₂)`` holds output pixel ``(4y+2i₁+i₂, 4x+2j₁+j₂)``), the
-        token-major ``src`` needs no transpose, and only the K-channel masks are put into
-        image order at the end, not the 32- and 64-channel upscaled maps. Same function
-        as the official ``output_upscaling`` then ``hyper_in @ upscaled.view(b, c, h*w)``
-        (fp32 rounding, ``tests/unit/test_model.py``); 1.2–1.6× faster on CPU than the
-        convolutions (``benchmarks/bench_kernels.py``, "upscaling + mask product").
+        The same function as the official ``output_upscaling`` then
+        ``hyper_in @ upscaled.view(b, c, h*w)`` (fp32 rounding, ``tests/unit/test_model.py``):
+        the transposed convolutions as per-pixel matmuls, the token-major ``src`` without a
+        transpose, only the K-channel masks reordered (``trainer/model/upscaling.py``).
+        ``benchmarks/bench_kernels.py`` ("upscaling + mask product") measures it against the
+        convolutions.
 
         Args:
             src: ``N×(h·w)×C`` the transformer's token-major image output.
@@ -158,18 +155,9 @@ class MaskDecoder(nn.Module):
         """
         conv1, norm, act1, conv2, act2 = self.output_upscaling
         n, (h, w) = src.shape[0], size
-        pixels = _pixel_block_linear(src.reshape(-1, src.shape[-1]), conv1)  # (N·h·w·4)×C/4
+        pixels = pixel_block_linear(src.reshape(-1, src.shape[-1]), conv1)  # (N·h·w·4)×C/4
         # The native LayerNorm over the last dim is LayerNorm2d on these rows; under
         # autocast it returns fp32, cast back so the saved activations keep the AMP dtype.
         normed = F.layer_norm(pixels, (pixels.shape[-1],), norm.weight, norm.bias, norm.eps).to(pixels.dtype)
-        pixels = act2(_pixel_block_linear(act1(normed), conv2)).view(n, 16 * h * w, -1)  # N×(16·h·w)×C/8
-        masks = pixels @ hyper_in.transpose(1, 2)  # N×(16·h·w)×K, block order
-        k = masks.shape[-1]
-        return masks.view(n, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
-
-
-def _pixel_block_linear(pixels: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
-    """A 2×2 stride-2 ``ConvTranspose2d`` on pixel rows: ``P×Cin -> (4·P)×Cout``, the
-    four output pixels ``(i, j)`` of each input pixel on consecutive rows."""
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1)  # Cin×(i, j, Cout)
-    return torch.addmm(conv.bias.repeat(4), pixels, weight).view(-1, conv.out_channels)
+        pixels = act2(pixel_block_linear(act1(normed), conv2)).view(n, 16 * h * w, -1)  # N×(16·h·w)×C/8
+        return mask_product(pixels, hyper_in, (h, w))
