@@ -84,10 +84,11 @@ def mask_product(pixels: Tensor, hyper: Tensor, size: tuple[int, int]) -> Tensor
     Returns:
         ``N×K×4h×4w`` mask logits.
     """
-    if torch.is_autocast_enabled(pixels.device.type):  # the official product runs in the AMP dtype
-        dtype = torch.get_autocast_dtype(pixels.device.type)
+    device = pixels.device.type
+    if not torch.amp.is_autocast_available(device):  # e.g. meta (FLOP counting)
+        return _MaskProduct.apply(pixels, hyper.to(pixels.dtype), size)
+    if torch.is_autocast_enabled(device):  # the official product runs in the AMP dtype
+        dtype = torch.get_autocast_dtype(device)
         pixels, hyper = pixels.to(dtype), hyper.to(dtype)
-    elif hyper.dtype != pixels.dtype:
-        hyper = hyper.to(pixels.dtype)
-    with torch.autocast(pixels.device.type, enabled=False):
-        return _MaskProduct.apply(pixels, hyper, size)
+    with torch.autocast(device, enabled=False):
+        return _MaskProduct.apply(pixels, hyper.to(pixels.dtype), size)
