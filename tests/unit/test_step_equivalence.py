@@ -303,7 +303,8 @@ def test_decoder_multiplies_through_the_weights_only_with_few_tokens(monkeypatch
     rule = transformer.multiplies_through
     for name in ("tokens_to_image", "image_to_tokens"):
         real = getattr(transformer, name)
-        monkeypatch.setattr(transformer, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        monkeypatch.setattr(transformer, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     for num_points, goes_through in ((4, True), (11, False)):
         coords = torch.rand(n, num_points, 2) * spec.img_size
         labels = torch.randint(0, 2, (n, num_points))
