@@ -254,6 +254,12 @@ def test_block_order_reorders_are_exact_inverses(dtype: torch.dtype) -> None:
     assert image.shape == (n, k, 4 * h, 4 * w)
     assert torch.equal(image.view(torch.int16), _naive_blocks_to_image(masks, h, w).contiguous().view(torch.int16))
     assert torch.equal(image_to_blocks(image).view(torch.int16), bits)
+    # A contiguous view that starts mid-run (e.g. a gradient carved out of a larger buffer).
+    for tensor, reorder, expected in ((masks, lambda t: blocks_to_image(t, (h, w)), image),
+                                      (image, image_to_blocks, masks)):
+        shifted = torch.cat([tensor.reshape(-1)[:1], tensor.reshape(-1)])[1:].view(tensor.shape)
+        assert shifted.storage_offset() == 1
+        assert torch.equal(reorder(shifted).view(torch.int16), expected.view(torch.int16))
 
 
 def test_mask_product_gradients_and_autocast_dtype() -> None:

@@ -33,7 +33,7 @@ def _swap(x: Tensor, outer: int, a: int, b: int, run: int) -> Tensor:
     (bit-exact): a transposing copy of short runs is several times slower per value."""
     as_int = _RUN_AS_INT.get(run * x.element_size())
     flat = x.contiguous().view(-1)
-    if as_int is None:
+    if as_int is None or flat.storage_offset() % run:  # a dtype view needs an aligned start
         return flat.view(outer, a, b, run).transpose(1, 2).contiguous()
     moved = flat.view(as_int).view(outer, a, b).transpose(1, 2).contiguous()
     return moved.view(x.dtype)
