@@ -222,12 +222,15 @@ def bench_few_tokens(runs: int, grid: int, masks: int, points: int, device: str 
     (``trainer/model/few_tokens.py``), forced on whatever the device, so that a GPU run
     measures it too (the model uses it on CPU only)."""
     from trainer.model import transformer  # noqa: PLC0415
+    from trainer.model.few_tokens import through_pays  # noqa: PLC0415
 
     round_, rule = _decoder_round(grid, masks, points, device), transformer.multiplies_through
 
+    def forced(attn: torch.nn.Module, tokens: int, like: torch.Tensor) -> bool:  # the CPU rule on any device
+        return through_pays(attn.num_heads, tokens, attn.internal_dim, cuda=False)
+
     def with_rule(through: bool) -> torch.Tensor:
-        transformer.multiplies_through = (lambda attn, tokens, like: attn.num_heads * tokens < attn.internal_dim) \
-            if through else (lambda *args: False)
+        transformer.multiplies_through = forced if through else (lambda *args: False)
         try:
             return round_(True)
         finally:

@@ -21,8 +21,8 @@ The ``qₕ·b_kₕ`` shift is constant over the keys, so the softmax ignores it;
 the graph so that ``k_proj.bias`` still receives its (zero) gradient, as DDP expects.
 
 Used where h·T < D (:func:`through_pays`), on CPU, where ``benchmarks/bench_kernels.py``
-("few-token attention") measures a decoder round 1.04–1.19× faster at 256 px and 1.12× at
-1024 px. On CUDA the decoder keeps SDPA until a GPU run measures this path: it saves the
+("few-token attention") measures a decoder round at 256 px 1.19–1.32× faster with 7 tokens,
+1.09–1.24× with 11, even with 15, and 1.25× at 1024 px. On CUDA the decoder keeps SDPA until a GPU run measures this path: it saves the
 ``N×(h·T)×S`` softmax weights for backward instead of the ``N×S×D`` projected keys and
 values (less memory while h·T < D), but trades a fused kernel for three batched matmuls
 and a softmax; the benchmark row forces it on whatever the device.
@@ -61,9 +61,9 @@ def tokens_to_image(attn: nn.Module, q: Tensor, key_src: Tensor, value_src: Tens
     heads, width = attn.num_heads, key_src.shape[-1]
     d = dim // heads
     q = q * d**-0.5
-    shift = (q.view(n, t, heads, d).transpose(1, 2) @ attn.k_proj.bias.view(heads, d, 1))  # qₕ·b_kₕ: N×h×T×1
+    shift = _through_heads(q, attn.k_proj.bias.view(heads, d, 1))  # qₕ·b_kₕ: N×(h·T)×1
     through = _through_heads(q, attn.k_proj.weight.view(heads, d, width))  # qₕ·W_kₕ: N×(h·T)×C
-    weights = torch.baddbmm(shift.reshape(n, heads * t, 1), through, key_src.transpose(1, 2)).softmax(dim=-1)
+    weights = torch.baddbmm(shift, through, key_src.transpose(1, 2)).softmax(dim=-1)
     mixed = weights @ value_src  # Aₕ·X: N×(h·T)×C
     out = _back_from_heads(mixed, attn.v_proj.weight.view(heads, d, width)) + attn.v_proj.bias  # N×T×D
     return attn.out_proj(out)
@@ -71,7 +71,7 @@ def tokens_to_image(attn: nn.Module, q: Tensor, key_src: Tensor, value_src: Tens
 
 def _through_heads(x: Tensor, weight: Tensor) -> Tensor:
     """Each head's slice of ``x`` times that head's weight rows: ``N×T×D`` (D = h·d) and
-    ``h×d×C`` -> ``N×(h·T)×C`` (rows head-major). One ``(N·T)×d`` product per head, so
+    ``h×d×C`` -> ``N×(h·T)×C`` (rows head-major; C = 1 for a bias). One ``(N·T)×d`` product per head, so
     the weight's gradient needs no reduction over masks."""
     n, t, dim = x.shape
     heads, d, width = weight.shape
@@ -110,16 +110,16 @@ def image_to_tokens(attn: nn.Module, k: Tensor, v: Tensor, *, query_src: Tensor 
     heads, width = attn.num_heads, attn.out_proj.weight.shape[0]
     d = dim // heads
     k = k * d**-0.5
-    k_heads = k.view(n, t, heads, d).transpose(1, 2)  # N×h×T×d
     # Scores key-major (N×h×T×S), as few_keys_attention: the softmax then reduces over
     # the short key axis with the long image axis contiguous (a softmax over a last dim
     # of ~11 runs several times slower on CPU).
     if query_src is not None:
         through = _through_heads(k, attn.q_proj.weight.view(heads, d, width))  # (W_qₕᵀ·kₕ)ᵀ: N×(h·T)×C
-        shift = (k_heads @ attn.q_proj.bias.view(heads, d, 1)).reshape(n, heads * t, 1)  # b_qₕ·kₕ
+        shift = _through_heads(k, attn.q_proj.bias.view(heads, d, 1))  # b_qₕ·kₕ: N×(h·T)×1
         scores = torch.baddbmm(shift, through, query_src.transpose(1, 2))  # N×(h·T)×S
     else:
         s = q.shape[1]
+        k_heads = k.view(n, t, heads, d).transpose(1, 2)  # N×h×T×d
         scores = k_heads @ q.view(n, s, heads, d).permute(0, 2, 3, 1)  # N×h×T×S
     s = scores.shape[-1]
     weights = scores.view(n, heads, t, s).softmax(dim=2).view(n, heads * t, s)

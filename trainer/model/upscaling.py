@@ -84,11 +84,7 @@ def mask_product(pixels: Tensor, hyper: Tensor, size: tuple[int, int]) -> Tensor
     Returns:
         ``N×K×4h×4w`` mask logits.
     """
-    device = pixels.device.type
-    if not torch.amp.is_autocast_available(device):  # e.g. meta (FLOP counting)
-        return _MaskProduct.apply(pixels, hyper.to(pixels.dtype), size)
-    if torch.is_autocast_enabled(device):  # the official product runs in the AMP dtype
-        dtype = torch.get_autocast_dtype(device)
-        pixels, hyper = pixels.to(dtype), hyper.to(dtype)
-    with torch.autocast(device, enabled=False):
-        return _MaskProduct.apply(pixels, hyper.to(pixels.dtype), size)
+    device = pixels.device.type  # meta (FLOP counting) has no autocast to ask about
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        pixels = pixels.to(torch.get_autocast_dtype(device))  # the official product runs in the AMP dtype
+    return _MaskProduct.apply(pixels, hyper.to(pixels.dtype), size)
