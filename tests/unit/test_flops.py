@@ -3,7 +3,8 @@ real modules, against SAM_RECIPE.md §7, and the peak table / MFU helpers.
 
 Two counts: the model's (what the official ``segment_anything`` modules compute; MFU
 uses it) is checked on the official modules, the executed one (what our modules run,
-``executed=True``: padding rows skipped, factored first decoder layer) on ours.
+``executed=True``: padding rows skipped, factored first decoder layer, few-token
+attentions through the weights on CPU) on ours.
 
 Counting runs under the math SDPA backend: on CPU the default fused kernel
 (``_scaled_dot_product_flash_attention_for_cpu``) is missing from the counter's table
